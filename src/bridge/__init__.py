@@ -1,0 +1,3 @@
+"""bridge: a Redis Streams LLM bridge."""
+
+__version__ = "0.1.0"

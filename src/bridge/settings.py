@@ -1,0 +1,196 @@
+"""One frozen settings object, read from the environment in one place.
+
+Every variable is documented in the README's configuration table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+from bridge.errors import ConfigError
+
+#: Seed 000's aliases; `gpt-4` is the model seed 002 uses in its examples.
+DEFAULT_MODELS = (
+    "chatgpt=gpt-4o,"
+    "claude=anthropic.claude-3-opus-20240229,"
+    "grok=xai.grok-1,"
+    "gemini=gemini/gemini-1.5-flash,"
+    "deepseek=deepseek-ai/deepseek-chat,"
+    "gpt-4=gpt-4,"
+    "mock=mock"
+)
+
+
+class ModelRoute(msgspec.Struct, frozen=True):
+    """Where a public model name goes: a provider and the model name the provider knows."""
+
+    alias: str
+    provider: str | None  # None: the default provider
+    upstream: str
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Configuration of one bridge process. Build it with `Settings.from_env()`."""
+
+    redis_url: str | None = None
+    key_prefix: str = "llm:"
+    redis_timeout_s: float = 5.0
+    redis_pool_size: int = 64
+
+    stream_maxlen: int = 10_000
+    stream_ttl_s: int = 3600
+    generation_deadline_s: float = 600.0
+
+    sse_heartbeat_s: float = 15.0
+    sse_retry_ms: int = 3000
+    send_queue_size: int = 2048
+    fanout_block_ms: int = 5000
+
+    max_body_bytes: int = 256 * 1024
+    max_prompt_chars: int = 32_000
+    max_messages: int = 256
+
+    worker_concurrency: int = 64
+    reclaim_idle_ms: int = 15_000
+    max_deliveries: int = 3
+
+    provider: str = "mock"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = None
+    provider_connect_timeout_s: float = 10.0
+    provider_read_timeout_s: float = 60.0
+    models: tuple[ModelRoute, ...] = ()
+
+    mock_tokens: int = 24
+    mock_delay_ms: float = 20.0
+
+    stream_secret: str | None = None
+    stream_token_ttl_s: int = 86_400
+
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from `environ` (default: the process environment)."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        openai_base_url = env.get("OPENAI_BASE_URL")
+        openai_api_key = env.get("OPENAI_API_KEY") or None
+        default_provider = "openai" if (openai_base_url or openai_api_key) else "mock"
+        provider = reader.choice("BRIDGE_PROVIDER", default_provider, ("mock", "openai"))
+        settings = cls(
+            redis_url=env.get("REDIS_URL") or None,
+            key_prefix=reader.text("BRIDGE_KEY_PREFIX", "llm:"),
+            redis_timeout_s=reader.number("BRIDGE_REDIS_TIMEOUT_S", 5.0),
+            redis_pool_size=reader.integer("BRIDGE_REDIS_POOL_SIZE", 64),
+            stream_maxlen=reader.integer("BRIDGE_STREAM_MAXLEN", 10_000),
+            stream_ttl_s=reader.integer("BRIDGE_STREAM_TTL_S", 3600),
+            generation_deadline_s=reader.number("BRIDGE_GENERATION_DEADLINE_S", 600.0),
+            sse_heartbeat_s=reader.number("BRIDGE_SSE_HEARTBEAT_S", 15.0),
+            sse_retry_ms=reader.integer("BRIDGE_SSE_RETRY_MS", 3000),
+            send_queue_size=reader.integer("BRIDGE_SEND_QUEUE_SIZE", 2048),
+            fanout_block_ms=reader.integer("BRIDGE_FANOUT_BLOCK_MS", 5000),
+            max_body_bytes=reader.integer("BRIDGE_MAX_BODY_BYTES", 256 * 1024),
+            max_prompt_chars=reader.integer("BRIDGE_MAX_PROMPT_CHARS", 32_000),
+            max_messages=reader.integer("BRIDGE_MAX_MESSAGES", 256),
+            worker_concurrency=reader.integer("BRIDGE_WORKER_CONCURRENCY", 64),
+            reclaim_idle_ms=reader.integer("BRIDGE_RECLAIM_IDLE_MS", 15_000),
+            max_deliveries=reader.integer("BRIDGE_MAX_DELIVERIES", 3),
+            provider=provider,
+            openai_base_url=(openai_base_url or "https://api.openai.com/v1").rstrip("/"),
+            openai_api_key=openai_api_key,
+            provider_connect_timeout_s=reader.number("BRIDGE_PROVIDER_CONNECT_TIMEOUT_S", 10.0),
+            provider_read_timeout_s=reader.number("BRIDGE_PROVIDER_READ_TIMEOUT_S", 60.0),
+            models=parse_models(env.get("BRIDGE_MODELS") or DEFAULT_MODELS),
+            mock_tokens=reader.integer("BRIDGE_MOCK_TOKENS", 24),
+            mock_delay_ms=reader.number("BRIDGE_MOCK_DELAY_MS", 20.0),
+            stream_secret=env.get("BRIDGE_STREAM_SECRET") or None,
+            stream_token_ttl_s=reader.integer("BRIDGE_STREAM_TOKEN_TTL_S", 86_400),
+            log_format=reader.choice("BRIDGE_LOG_FORMAT", "auto", ("auto", "json", "console")),
+            log_level=reader.choice(
+                "BRIDGE_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ),
+        )
+        if settings.stream_maxlen < 100:
+            raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
+        if settings.fanout_block_ms >= settings.redis_timeout_s * 1000:
+            raise ConfigError(
+                "BRIDGE_FANOUT_BLOCK_MS must be shorter than BRIDGE_REDIS_TIMEOUT_S, "
+                "or blocking reads would time out on the socket"
+            )
+        return settings
+
+    @property
+    def known_models(self) -> tuple[str, ...]:
+        """Public model names, in configuration order."""
+        return tuple(route.alias for route in self.models)
+
+
+def parse_models(spec: str) -> tuple[ModelRoute, ...]:
+    """Parse `alias=upstream` or `alias=provider:upstream`, comma-separated.
+
+    The provider prefix is split at the first colon only, so upstream names such as
+    `llama3:8b` keep theirs when a provider is named (`local=openai:llama3:8b`).
+    """
+    routes: list[ModelRoute] = []
+    seen: set[str] = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        alias, sep, target = item.partition("=")
+        alias, target = alias.strip(), target.strip()
+        if not sep or not alias or not target:
+            raise ConfigError(f"BRIDGE_MODELS entry {item!r} is not alias=[provider:]model")
+        provider: str | None = None
+        head, colon, rest = target.partition(":")
+        if colon and head in ("mock", "openai"):
+            provider, target = head, rest
+        if alias in seen:
+            raise ConfigError(f"BRIDGE_MODELS names {alias!r} twice")
+        seen.add(alias)
+        routes.append(ModelRoute(alias=alias, provider=provider, upstream=target))
+    if not routes:
+        raise ConfigError("BRIDGE_MODELS names no model")
+    return tuple(routes)
+
+
+class _Reader:
+    """Typed reads of environment variables with errors that name the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str) -> str:
+        return self._env.get(name) or default
+
+    def integer(self, name: str, default: int) -> int:
+        raw = self._env.get(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if value < 0:
+            raise ConfigError(f"{name}={raw!r} must not be negative")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._env.get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not value >= 0:  # also rejects NaN
+            raise ConfigError(f"{name}={raw!r} must not be negative")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = (self._env.get(name) or default).lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        return value
