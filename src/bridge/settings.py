@@ -117,11 +117,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
         if settings.stream_maxlen < 100:
             raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
-        if settings.fanout_block_ms >= settings.redis_timeout_s * 1000:
-            raise ConfigError(
-                "BRIDGE_FANOUT_BLOCK_MS must be shorter than BRIDGE_REDIS_TIMEOUT_S, "
-                "or blocking reads would time out on the socket"
-            )
         return settings
 
     @property
