@@ -103,3 +103,4 @@ class CloseReason(enum.StrEnum):
     SLOW_CONSUMER = "slow_consumer"  # its send queue overflowed; resume from Redis
     SHUTDOWN = "shutdown"  # this process is stopping; reconnect elsewhere
     REDIS_UNAVAILABLE = "redis_unavailable"  # Redis went away; reconnect to retry
+    CLIENT_GONE = "client_gone"  # the client disconnected (never sent: it is gone)

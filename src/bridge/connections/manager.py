@@ -1,0 +1,104 @@
+"""The connection manager (hub): every live connection of this process, grouped by session."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import structlog
+
+from bridge.errors import CloseReason
+from bridge.streams.codec import Cursor, EntryId, StreamEvent
+
+from .subscriber import Envelope, Subscriber
+
+log = structlog.get_logger("bridge.connections")
+
+
+class SessionTracker(Protocol):
+    """What the hub needs from the fan-out reader."""
+
+    async def track(self, session: str) -> None: ...
+
+    def untrack(self, session: str) -> None: ...
+
+
+class ConnectionManager:
+    """Registers connections, feeds them live events, and closes them.
+
+    The first connection of a session makes the fan-out reader tail that session; the last one
+    to leave stops it. Connections arriving while tracking starts wait for it, so none of them
+    can begin its catch-up before the reader's start position is fixed (no gap between the two).
+    """
+
+    def __init__(self, *, queue_size: int) -> None:
+        self._queue_size = queue_size
+        self._sessions: dict[str, set[Subscriber]] = {}
+        self._tracking: dict[str, asyncio.Future[None]] = {}
+        self.tracker: SessionTracker | None = None
+        self.overflows = 0
+
+    async def connect(self, session: str, cursor: Cursor, *, transport: str = "sse") -> Subscriber:
+        """Register a new connection of `session`, resuming after `cursor`."""
+        sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
+        self._sessions.setdefault(session, set()).add(sub)
+        try:
+            await self._ensure_tracked(session)
+        except BaseException:
+            self.disconnect(sub)
+            raise
+        return sub
+
+    def disconnect(self, sub: Subscriber) -> None:
+        """Forget a connection; the last one of a session stops its tailing."""
+        subs = self._sessions.get(sub.session)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._sessions[sub.session]
+            self._tracking.pop(sub.session, None)
+            if self.tracker is not None:
+                self.tracker.untrack(sub.session)
+
+    def deliver(self, session: str, model: str, batch: list[tuple[EntryId, StreamEvent]]) -> None:
+        """Hand live events to every local connection of `session` (the reader's callback)."""
+        subs = self._sessions.get(session)
+        if not subs:
+            return
+        envelopes = [Envelope(model, entry_id, event) for entry_id, event in batch]
+        for sub in subs:
+            if not sub.offer(envelopes) and sub.closed is CloseReason.SLOW_CONSUMER:
+                self.overflows += 1
+                log.info("slow_consumer_closed", connection_id=sub.id, queued=sub.queued)
+
+    def close_all(self, reason: CloseReason) -> int:
+        """Close every connection (shutdown, Redis loss); returns how many were open."""
+        count = 0
+        for subs in self._sessions.values():
+            for sub in subs:
+                sub.close(reason)
+                count += 1
+        return count
+
+    @property
+    def connection_count(self) -> int:
+        return sum(len(subs) for subs in self._sessions.values())
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    async def _ensure_tracked(self, session: str) -> None:
+        if self.tracker is None:
+            return
+        future = self._tracking.get(session)
+        if future is None:
+            future = asyncio.ensure_future(self.tracker.track(session))
+            self._tracking[session] = future
+        try:
+            await asyncio.shield(future)
+        except BaseException:
+            if self._tracking.get(session) is future and future.done():
+                del self._tracking[session]  # let the next connection try again
+            raise

@@ -1,0 +1,139 @@
+"""The SSE adaptor: catch-up from Redis, then live events from the hub, on one HTTP response.
+
+Order of operations (why nothing is lost or repeated): the connection registers with the hub
+first, so live events queue up while it replays retained history from Redis; then it drains
+the queue. Every entry passes `Subscriber.accept`, which drops what the cursor already covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import structlog
+from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Send
+
+from bridge.errors import CloseReason
+from bridge.streams.codec import Cursor, format_entry_id, sse_frame
+from bridge.streams.history import Gap
+
+from .manager import ConnectionManager
+from .subscriber import Closed, Envelope, Subscriber
+
+log = structlog.get_logger("bridge.sse")
+
+History = Callable[[Cursor], AsyncIterator[list[Envelope] | Gap]]
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+}
+_SLOW_CLIENT_GRACE_S = 5.0
+_encode = msgspec.json.Encoder().encode
+
+
+def control_frame(event: str, payload: dict[str, object]) -> bytes:
+    """A server-generated event (not from a stream), without an id: it moves no cursor."""
+    return sse_frame(event, _encode(payload))
+
+
+def gap_frame(gap: Gap) -> bytes:
+    return control_frame(
+        "gap",
+        {
+            "modelId": gap.model,
+            "reason": gap.reason,
+            "after": format_entry_id(gap.after) if gap.after else None,
+        },
+    )
+
+
+def encode_batch(sub: Subscriber, batch: list[Envelope]) -> bytes:
+    """SSE frames of the envelopes this connection has not sent yet."""
+    out = []
+    for env in batch:
+        if sub.accept(env.model, env.entry_id):
+            out.append(sse_frame(env.event.type.value, env.sse_data, sub.cursor_text))
+    return b"".join(out)
+
+
+class SSEResponse(ASGIResponse):
+    """`text/event-stream` for one connection; unregisters it however the response ends."""
+
+    _should_set_content_length = False
+
+    def __init__(
+        self,
+        *,
+        sub: Subscriber,
+        manager: ConnectionManager,
+        history: History,
+        heartbeat_s: float,
+        retry_ms: int,
+    ) -> None:
+        super().__init__(
+            headers=SSE_HEADERS, media_type="text/event-stream", status_code=200, body=b""
+        )
+        self._sub = sub
+        self._manager = manager
+        self._history = history
+        self._heartbeat_s = heartbeat_s
+        self._retry_ms = retry_ms
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        writer = asyncio.ensure_future(self._write(send))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        loop = asyncio.get_running_loop()
+
+        def on_close(reason: CloseReason) -> None:
+            # A client that stopped reading may leave the writer blocked in send(): bound it.
+            if reason is not CloseReason.CLIENT_GONE:
+                loop.call_later(_SLOW_CLIENT_GRACE_S, writer.cancel)
+
+        self._sub.on_close = on_close
+        try:
+            await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                self._sub.close(CloseReason.CLIENT_GONE)
+                writer.cancel()
+        finally:
+            watcher.cancel()
+            self._manager.disconnect(self._sub)
+            if not writer.done():
+                writer.cancel()
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+
+    async def _write(self, send: Send) -> None:
+        # Flush the headers with a first comment so proxies and browsers see the stream open.
+        await _body(send, f": \nretry: {self._retry_ms}\n\n".encode())
+        try:
+            async for item in self._history(self._sub.cursor):
+                if isinstance(item, Gap):
+                    if item.reason == "reset":
+                        self._sub.cursor.pop(item.model, None)
+                    await _body(send, gap_frame(item))
+                else:
+                    chunk = encode_batch(self._sub, item)
+                    if chunk:
+                        await _body(send, chunk)
+            while True:
+                batch = await self._sub.next_batch(self._heartbeat_s)
+                chunk = encode_batch(self._sub, batch) if batch else b": ping\n\n"
+                if chunk:
+                    await _body(send, chunk)
+        except Closed as closed:
+            if closed.reason is not CloseReason.CLIENT_GONE:
+                log.info("sse_closed", connection_id=self._sub.id, reason=closed.reason.value)
+                await _body(send, control_frame("reconnect", {"reason": closed.reason.value}))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _body(send: Send, chunk: bytes) -> None:
+    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,112 @@
+"""One client connection's view of its session: a bounded queue and a resume cursor.
+
+Overflow policy: close with `CloseReason.SLOW_CONSUMER`. The client resumes from Redis with
+its last cursor, so nothing is lost and the server's memory per connection stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+
+from bridge.errors import CloseReason
+from bridge.streams.codec import Cursor, EntryId, StreamEvent, format_cursor, sse_data
+
+_ids = itertools.count(1)
+
+
+class Envelope:
+    """An event delivered to many connections; its wire encodings are computed once."""
+
+    __slots__ = ("_sse_data", "entry_id", "event", "model")
+
+    def __init__(self, model: str, entry_id: EntryId, event: StreamEvent) -> None:
+        self.model = model
+        self.entry_id = entry_id
+        self.event = event
+        self._sse_data: bytes | None = None
+
+    @property
+    def sse_data(self) -> bytes:
+        if self._sse_data is None:
+            self._sse_data = sse_data(self.event, self.model)
+        return self._sse_data
+
+
+class Closed(Exception):
+    """The subscriber was closed; `reason` says why."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class Subscriber:
+    """A connection's queue of envelopes, and the cursor of what it has already sent."""
+
+    def __init__(
+        self, session: str, cursor: Cursor, *, queue_size: int, transport: str = "sse"
+    ) -> None:
+        self.session = session
+        self.transport = transport
+        self.id = f"{transport}_{int(time.time() * 1000)}_{next(_ids)}"
+        self.cursor: Cursor = dict(cursor)
+        self.closed: CloseReason | None = None
+        self._queue: deque[Envelope] = deque()
+        self._queue_size = queue_size
+        self._ready = asyncio.Event()
+        self.on_close: Callable[[CloseReason], None] | None = None
+
+    def offer(self, envelopes: list[Envelope]) -> bool:
+        """Queue live envelopes; on overflow close the subscriber. Returns False if closed."""
+        if self.closed is not None:
+            return False
+        if len(self._queue) + len(envelopes) > self._queue_size:
+            self.close(CloseReason.SLOW_CONSUMER)
+            return False
+        self._queue.extend(envelopes)
+        self._ready.set()
+        return True
+
+    def close(self, reason: CloseReason) -> None:
+        """Stop delivering; the writer sees `Closed(reason)` at its next wait."""
+        if self.closed is None:
+            self.closed = reason
+            self._queue.clear()
+            self._ready.set()
+            if self.on_close is not None:
+                self.on_close(reason)
+
+    async def next_batch(self, timeout: float) -> list[Envelope]:
+        """Everything queued, waiting up to `timeout` (empty list on timeout)."""
+        if not self._queue and self.closed is None:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return []
+        if self.closed is not None:
+            raise Closed(self.closed)
+        batch = list(self._queue)
+        self._queue.clear()
+        return batch
+
+    def accept(self, model: str, entry_id: EntryId) -> bool:
+        """True if the entry is new to this connection (and record it as sent)."""
+        last = self.cursor.get(model)
+        if last is not None and entry_id <= last:
+            return False
+        self.cursor[model] = entry_id
+        return True
+
+    @property
+    def cursor_text(self) -> str:
+        return format_cursor(self.cursor)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)

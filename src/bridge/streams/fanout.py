@@ -1,0 +1,162 @@
+"""The fan-out reader: ONE multiplexed blocking XREAD per process.
+
+It tails every token stream of every session that has a local listener, plus each such
+session's index (to learn of new model streams), plus a wake-up stream of its own. Changing
+the set of streams appends to the wake-up stream: because the blocking XREAD includes that
+stream at its last seen id, the wake-up cannot be missed, whether it lands before or during
+the read. No sleep-polling anywhere.
+
+Delivery is cursor-based (plain XREAD, no consumer group): a consumer group would split the
+entries among readers, and every connection needs every entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bridge.errors import MalformedEntry
+from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
+from bridge.streams.keys import Keys
+
+log = structlog.get_logger("bridge.fanout")
+
+Deliver = Callable[[str, str, list[tuple[EntryId, StreamEvent]]], None]
+"""deliver(session, model, [(entry id, event), ...]) is called in stream order."""
+
+
+class FanoutReader:
+    """Tails the streams of tracked sessions and hands each new entry to `deliver`."""
+
+    def __init__(
+        self,
+        reader: Redis,
+        redis: Redis,
+        keys: Keys,
+        deliver: Deliver,
+        *,
+        block_ms: int = 5000,
+        count: int = 500,
+    ) -> None:
+        self._reader = reader  # a dedicated connection: it spends its life blocked
+        self._redis = redis
+        self._keys = keys
+        self._deliver = deliver
+        self._block_ms = block_ms
+        self._count = count
+        self._wake_key = f"{keys.prefix}fanout:{uuid.uuid4().hex}"
+        self._positions: dict[bytes, bytes] = {self._wake_key.encode(): b"0-0"}
+        self._session_keys: dict[str, set[bytes]] = {}
+        self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
+        self._index_owner: dict[bytes, str] = {}  # session index key -> session
+        self.malformed = 0
+        self.connected = False
+
+    @property
+    def tracked_sessions(self) -> int:
+        return len(self._session_keys)
+
+    async def track(self, session: str) -> None:
+        """Start tailing `session`: its index and every model stream it has, from their ends."""
+        if session in self._session_keys:
+            return
+        self._session_keys[session] = set()
+        index = self._keys.session_index(session)
+        try:
+            entries = await self._redis.xrange(index)
+            models = sorted({fields[b"m"].decode() for _, fields in entries if b"m" in fields})
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.xrevrange(self._keys.stream(session, model), count=1)
+                last_entries = await pipe.execute()
+        except BaseException:
+            self._session_keys.pop(session, None)
+            raise
+        if session not in self._session_keys:  # untracked while we were reading
+            return
+        index_key = index.encode()
+        self._add(session, index_key, entries[-1][0] if entries else b"0-0")
+        self._index_owner[index_key] = session
+        for model, last in zip(models, last_entries, strict=True):
+            self._add_stream(session, model, last[0][0] if last else b"0-0")
+        await self._wake()
+
+    def untrack(self, session: str) -> None:
+        """Stop tailing `session` (its last local listener left)."""
+        for key in self._session_keys.pop(session, set()):
+            self._positions.pop(key, None)
+            self._stream_owner.pop(key, None)
+            self._index_owner.pop(key, None)
+
+    async def run(self) -> None:
+        """Read until cancelled; ride out Redis outages with capped backoff."""
+        backoff = 0.05
+        while True:
+            try:
+                await self._read_once()
+                backoff = 0.05
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.connected:
+                    log.warning("fanout_redis_error", error=str(exc))
+                self.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _read_once(self) -> None:
+        streams = dict(self._positions)
+        result = await self._reader.xread(streams, count=self._count, block=self._block_ms)
+        self.connected = True
+        for key, entries in result or ():
+            if key not in self._positions or not entries:
+                continue  # untracked while the read was in flight
+            self._positions[key] = entries[-1][0]
+            if key in self._index_owner:
+                self._on_index(self._index_owner[key], entries)
+            elif key in self._stream_owner:
+                session, model = self._stream_owner[key]
+                self._on_stream(session, model, entries)
+
+    def _on_index(self, session: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for _, fields in entries:
+            model = fields.get(b"m", b"").decode()
+            if model and self._keys.stream(session, model).encode() not in self._stream_owner:
+                self._add_stream(session, model, b"0-0")  # new stream: all of it is news
+
+    def _on_stream(
+        self, session: str, model: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> None:
+        batch: list[tuple[EntryId, StreamEvent]] = []
+        for entry_id, fields in entries:
+            try:
+                batch.append((parse_entry_id(entry_id), from_fields(fields)))
+            except MalformedEntry as exc:
+                self.malformed += 1
+                log.warning("malformed_entry_skipped", model=model, entry=entry_id, error=str(exc))
+        if batch:
+            self._deliver(session, model, batch)
+
+    def _add_stream(self, session: str, model: str, position: bytes) -> None:
+        key = self._keys.stream(session, model).encode()
+        self._add(session, key, position)
+        self._stream_owner[key] = (session, model)
+
+    def _add(self, session: str, key: bytes, position: bytes) -> None:
+        self._positions.setdefault(key, position)
+        self._session_keys[session].add(key)
+
+    async def _wake(self) -> None:
+        await self._redis.xadd(self._wake_key, {"w": 1}, maxlen=10, approximate=False)
+        await self._redis.expire(self._wake_key, 3600)
+
+    async def aclose(self) -> None:
+        """Remove this reader's wake-up stream."""
+        try:
+            await self._redis.delete(self._wake_key)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass

@@ -1,0 +1,94 @@
+"""Reading a session's retained history: the catch-up a connection does before it goes live."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+
+from bridge.connections.subscriber import Envelope
+from bridge.errors import MalformedEntry
+from bridge.streams.codec import Cursor, EntryId, format_entry_id, from_fields, parse_entry_id
+from bridge.streams.keys import Keys
+
+log = structlog.get_logger("bridge.history")
+
+
+class Gap(msgspec.Struct, frozen=True):
+    """Part of a model stream the client asked for is not retained.
+
+    reason: `expired` (the whole stream is gone), `trimmed` (entries after the cursor, or
+    at the start for a client without one, were trimmed by MAXLEN), `reset` (the cursor is
+    ahead of everything the stream ever held, so it cannot be from this stream; replay
+    restarts from the first retained entry).
+    """
+
+    model: str
+    reason: str
+    after: EntryId | None
+
+
+async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
+    """Models that have had a generation in `session` (from its index stream)."""
+    entries = await redis.xrange(keys.session_index(session))
+    return {fields[b"m"].decode() for _, fields in entries if b"m" in fields}
+
+
+async def replay(
+    redis: Redis, keys: Keys, session: str, cursor: Cursor, *, page: int = 500
+) -> AsyncIterator[list[Envelope] | Gap]:
+    """Yield every retained entry after `cursor`, model by model, announcing gaps first."""
+    models = sorted(await session_models(redis, keys, session) | set(cursor))
+    if not models:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for model in models:
+            pipe.xinfo_stream(keys.stream(session, model))
+        infos = await pipe.execute(raise_on_error=False)
+    for model, info in zip(models, infos, strict=True):
+        after = cursor.get(model)
+        if isinstance(info, Exception):  # no such key: expired, or not written yet
+            if after is not None:
+                yield Gap(model, "expired", after)
+            continue
+        gap = _gap(model, info, after)
+        if gap is not None:
+            yield gap
+            if gap.reason == "reset":
+                after = None
+        async for batch in _pages(redis, keys.stream(session, model), model, after, page):
+            yield batch
+
+
+def _gap(model: str, info: dict[str, Any], after: EntryId | None) -> Gap | None:
+    last_generated = parse_entry_id(info["last-generated-id"])
+    max_deleted = parse_entry_id(info["max-deleted-entry-id"])
+    if after is not None and after > last_generated:
+        return Gap(model, "reset", after)
+    if max_deleted != (0, 0) and (after is None or after < max_deleted):
+        return Gap(model, "trimmed", after)
+    return None
+
+
+async def _pages(
+    redis: Redis, key: str, model: str, after: EntryId | None, page: int
+) -> AsyncIterator[list[Envelope]]:
+    start = f"({format_entry_id(after)}" if after is not None else "-"
+    while True:
+        entries = await redis.xrange(key, min=start, max="+", count=page)
+        if not entries:
+            return
+        batch: list[Envelope] = []
+        for raw_id, fields in entries:
+            try:
+                batch.append(Envelope(model, parse_entry_id(raw_id), from_fields(fields)))
+            except MalformedEntry as exc:
+                log.warning("malformed_entry_skipped", model=model, entry=raw_id, error=str(exc))
+        if batch:
+            yield batch
+        if len(entries) < page:
+            return
+        start = "(" + entries[-1][0].decode()

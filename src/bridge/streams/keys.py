@@ -1,0 +1,64 @@
+"""Every Redis key and name bridge uses, in one place.
+
+Ids that become key parts are validated by `check_id` before any key is built from them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bridge.errors import BadRequest
+
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+WORKER_GROUP = "workers"
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return `value` if it is a safe key part, else raise BadRequest naming `kind`."""
+    if not _ID_RE.fullmatch(value) or value in (".", ".."):
+        raise BadRequest(f"{kind} must match [A-Za-z0-9_.-]{{1,128}}")
+    return value
+
+
+class Keys:
+    """Key names under one prefix (default `llm:`)."""
+
+    def __init__(self, prefix: str = "llm:") -> None:
+        self.prefix = prefix
+        self._stream_prefix = f"{prefix}stream:"
+        self.requests = f"{prefix}requests"
+        self.dead_letters = f"{prefix}requests:dead"
+        self.secret = f"{prefix}secret"
+        self.cancel_channel = f"{prefix}cancel"
+        self.worker_group = WORKER_GROUP
+
+    def stream(self, session: str, model: str) -> str:
+        """Token stream of one session and model."""
+        return f"{self._stream_prefix}{session}:{model}"
+
+    def parse_stream(self, key: str) -> tuple[str, str]:
+        """Split a token-stream key into (session, model)."""
+        session, _, model = key[len(self._stream_prefix) :].rpartition(":")
+        return session, model
+
+    def session_index(self, session: str) -> str:
+        """Stream of the session's generation starts: which models it has, and when they began."""
+        return f"{self.prefix}session:{session}"
+
+    def generation(self, request_id: str) -> str:
+        """Hash with the state of one generation: owner epoch, status, sequence, usage."""
+        return f"{self.prefix}gen:{request_id}"
+
+    def usage(self, session: str) -> str:
+        """Hash of token counters for one session (fields per model)."""
+        return f"{self.prefix}usage:{session}"
+
+    def worker(self, worker_id: str) -> str:
+        """Heartbeat key of one worker (expires when the worker stops renewing it)."""
+        return f"{self.prefix}worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}worker:*"
