@@ -13,7 +13,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -115,7 +115,9 @@ def redact_url(url: str) -> str:
             ],
             safe="*",
         )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    # Not urlunsplit: it turns `unix:///path` into `unix:/path`.
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 async def select_redis(

@@ -80,12 +80,12 @@ class Subscriber:
             if self.on_close is not None:
                 self.on_close(reason)
 
-    async def next_batch(self, timeout: float) -> list[Envelope]:
-        """Everything queued, waiting up to `timeout` (empty list on timeout)."""
+    async def next_batch(self, wait_s: float) -> list[Envelope]:
+        """Everything queued, waiting up to `wait_s` seconds (empty list on timeout)."""
         if not self._queue and self.closed is None:
             self._ready.clear()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait_s):
                     await self._ready.wait()
             except TimeoutError:
                 return []

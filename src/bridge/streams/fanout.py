@@ -13,6 +13,7 @@ entries among readers, and every connection needs every entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 
@@ -156,7 +157,5 @@ class FanoutReader:
 
     async def aclose(self) -> None:
         """Remove this reader's wake-up stream."""
-        try:
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             await self._redis.delete(self._wake_key)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            pass
