@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -160,11 +160,11 @@ async def _configured(url: str, settings: Settings, timeout_s: float) -> RedisCh
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                     server = await _probe(client)
                 break
-            except AuthenticationError as exc:
-                raise RedisUnavailable(
-                    f"REDIS_URL {shown} refused the credentials: {exc}"
-                ) from None
             except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+                if (reply := _server_reply(exc)) is not None:
+                    raise RedisUnavailable(
+                        f"REDIS_URL {shown} refused the connection: {_why(reply)}"
+                    ) from None
                 if time.monotonic() + _PROBE_BACKOFF_S >= deadline:
                     raise RedisUnavailable(
                         f"REDIS_URL {shown} did not answer within {timeout_s:g} s: {_why(exc)}"
@@ -252,6 +252,20 @@ def _release(version: str) -> tuple[int, int]:
     parts = [*version.split("."), "0", "0"][:2]
     major, minor = (int("".join(filter(str.isdigit, part)) or 0) for part in parts)
     return major, minor
+
+
+def _server_reply(exc: BaseException) -> RedisError | None:
+    """The server's refusal (bad credentials, no permission) behind a connection error, if any.
+
+    redis-py 8 reports a failed AUTH during the handshake as a ConnectionError caused by the
+    AuthenticationError; retrying cannot fix either.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, AuthenticationError | ResponseError):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _why(exc: BaseException) -> str:
