@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -70,12 +71,12 @@ class FanoutReader:
         self._session_keys[session] = set()
         index = self._keys.session_index(session)
         try:
-            entries = await self._redis.xrange(index)
+            entries: Any = await self._redis.xrange(index)
             models = sorted({fields[b"m"].decode() for _, fields in entries if b"m" in fields})
             async with self._redis.pipeline(transaction=False) as pipe:
                 for model in models:
                     pipe.xrevrange(self._keys.stream(session, model), count=1)
-                last_entries = await pipe.execute()
+                last_entries: list[Any] = await pipe.execute()
         except BaseException:
             self._session_keys.pop(session, None)
             raise
@@ -110,8 +111,8 @@ class FanoutReader:
                 backoff = min(backoff * 2, 2.0)
 
     async def _read_once(self) -> None:
-        streams = dict(self._positions)
-        result = await self._reader.xread(streams, count=self._count, block=self._block_ms)
+        streams: dict[Any, Any] = dict(self._positions)
+        result: Any = await self._reader.xread(streams, count=self._count, block=self._block_ms)
         self.connected = True
         for key, entries in result or ():
             if key not in self._positions or not entries:

@@ -33,7 +33,7 @@ class Gap(msgspec.Struct, frozen=True):
 
 async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
     """Models that have had a generation in `session` (from its index stream)."""
-    entries = await redis.xrange(keys.session_index(session))
+    entries: Any = await redis.xrange(keys.session_index(session))
     return {fields[b"m"].decode() for _, fields in entries if b"m" in fields}
 
 
@@ -78,7 +78,7 @@ async def _pages(
 ) -> AsyncIterator[list[Envelope]]:
     start = f"({format_entry_id(after)}" if after is not None else "-"
     while True:
-        entries = await redis.xrange(key, min=start, max="+", count=page)
+        entries: Any = await redis.xrange(key, min=start, max="+", count=page)
         if not entries:
             return
         batch: list[Envelope] = []

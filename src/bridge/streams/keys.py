@@ -32,6 +32,8 @@ class Keys:
         self.dead_letters = f"{prefix}requests:dead"
         self.secret = f"{prefix}secret"
         self.cancel_channel = f"{prefix}cancel"
+        # worker heartbeats: a sorted set of worker names scored by when their beat expires
+        self.workers = f"{prefix}workers"
         self.worker_group = WORKER_GROUP
 
     def stream(self, session: str, model: str) -> str:
@@ -54,11 +56,3 @@ class Keys:
     def usage(self, session: str) -> str:
         """Hash of token counters for one session (fields per model)."""
         return f"{self.prefix}usage:{session}"
-
-    def worker(self, worker_id: str) -> str:
-        """Heartbeat key of one worker (expires when the worker stops renewing it)."""
-        return f"{self.prefix}worker:{worker_id}"
-
-    @property
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}worker:*"

@@ -1,0 +1,74 @@
+"""`POST /api/chat/start`: validate, enqueue a generation, answer where to read it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from urllib.parse import quote
+
+import msgspec
+from litestar import Controller, post
+from litestar.exceptions import ServiceUnavailableException
+
+from bridge.api.schemas import ChatStarted, StartChat
+from bridge.errors import BadRequest
+from bridge.providers.base import Message
+from bridge.runtime import Runtime
+from bridge.settings import Settings
+from bridge.streams.codec import now_ms
+from bridge.streams.jobs import GenerationJob, enqueue
+from bridge.streams.keys import check_id
+
+
+class ChatController(Controller):
+    """Starting generations."""
+
+    path = "/api/chat"
+    tags = ["chat"]
+
+    @post("/start", status_code=202, summary="Start a generation in a session")
+    async def start(self, data: StartChat, runtime: Runtime) -> ChatStarted:
+        """Queue a generation; read it at `streamUrl` (hand it to EventSource as it is)."""
+        if runtime.stopping:
+            raise ServiceUnavailableException("this process is shutting down")
+        session = check_id("sessionId", data.session_id)
+        model = check_id("modelId", data.model_id)
+        runtime.providers.resolve(model)  # unknown model: 400 naming the known ones
+        job = GenerationJob(
+            request_id=uuid.uuid4().hex,
+            session_id=session,
+            model_id=model,
+            messages=build_messages(data, runtime.settings),
+            params=msgspec.to_builtins(data.params) if data.params else {},
+            created_ms=now_ms(),
+        )
+        await enqueue(runtime.redis, runtime.keys, runtime.settings, job)
+        token = runtime.tokens.issue(session)
+        return ChatStarted(
+            connection_id=f"sse_{int(time.time() * 1000)}_{uuid.uuid4().hex[:6]}",
+            session_id=session,
+            model_id=model,
+            request_id=job.request_id,
+            status="queued",
+            stream_url=f"/api/sse/stream/{session}?token={quote(token)}",
+            stream_key=runtime.keys.stream(session, model),
+            stream_token=token,
+        )
+
+
+def build_messages(data: StartChat, settings: Settings) -> tuple[Message, ...]:
+    """The conversation to send: `messages`, then `prompt` as the last user message."""
+    messages = [Message(m.role, m.content) for m in data.messages or ()]
+    if data.prompt is not None:
+        messages.append(Message("user", data.prompt))
+    if not messages or not any(m.content.strip() for m in messages):
+        raise BadRequest("prompt or messages is required and must not be empty")
+    if len(messages) > settings.max_messages:
+        raise BadRequest(f"at most {settings.max_messages} messages are allowed", status_code=413)
+    size = sum(len(m.content) for m in messages)
+    if size > settings.max_prompt_chars:
+        raise BadRequest(
+            f"the prompt holds {size} characters; at most {settings.max_prompt_chars} are allowed",
+            status_code=413,
+        )
+    return tuple(messages)

@@ -1,0 +1,67 @@
+"""Request and response bodies of the HTTP API (camelCase JSON, validated by msgspec)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from bridge.providers.base import Usage
+from bridge.streams.keys import ID_PATTERN
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, examples=["user_123"])]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling options passed to the provider; `mock*` ones only steer the built-in mock."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    mock_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
+    mock_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
+    mock_fail_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class StartChat(msgspec.Struct, frozen=True, rename="camel"):
+    """`POST /api/chat/start`: a prompt, or a list of messages (a prompt is appended last)."""
+
+    session_id: Id
+    model_id: Id
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    params: GenerationParams | None = None
+
+
+class ChatStarted(msgspec.Struct, frozen=True, rename="camel"):
+    """The answer to `chat/start`: where to read the stream, and with which token."""
+
+    connection_id: str
+    session_id: str
+    model_id: str
+    request_id: str
+    status: str
+    stream_url: str
+    stream_key: str
+    stream_token: str
+
+
+class SessionUsage(msgspec.Struct, frozen=True, rename="camel"):
+    """Tokens written to a session's streams, per model."""
+
+    session_id: str
+    completion_tokens: dict[str, int]
+
+
+__all__ = ["ChatMessage", "ChatStarted", "GenerationParams", "SessionUsage", "StartChat", "Usage"]

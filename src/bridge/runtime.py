@@ -1,0 +1,163 @@
+"""The runtime: owns the Redis clients and the components; starts them, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bridge.access import StreamTokens
+from bridge.connections.manager import ConnectionManager
+from bridge.errors import CloseReason, RedisUnavailable
+from bridge.providers.registry import ProviderRegistry
+from bridge.redis_select import RedisChoice, make_client, select_redis
+from bridge.settings import Settings
+from bridge.streams.fanout import FanoutReader
+from bridge.streams.keys import Keys
+from bridge.worker import Worker
+
+log = structlog.get_logger("bridge.runtime")
+
+
+class BackgroundTask:
+    """A long-running coroutine that is restarted with capped backoff if it crashes."""
+
+    def __init__(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.name = name
+        self._factory = factory
+        self.restarts = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=self.name)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._factory()
+                return
+            except Exception:
+                self.restarts += 1
+                log.exception("background_task_crashed", task=self.name, restarts=self.restarts)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Runtime:
+    """Everything one bridge process runs. Use `Runtime.running(settings)`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        choice: RedisChoice,
+        redis: Redis,
+        tokens: StreamTokens,
+        *,
+        with_api: bool,
+        with_worker: bool,
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis_choice = choice
+        self.redis = redis
+        self.tokens = tokens
+        self.providers = ProviderRegistry.from_settings(settings)
+        self.manager = ConnectionManager(queue_size=settings.send_queue_size)
+        blocking_timeout = settings.fanout_block_ms / 1000 + settings.redis_timeout_s
+        self._blocking_clients: list[Redis] = []
+        self.fanout: FanoutReader | None = None
+        self.worker: Worker | None = None
+        self.tasks: list[BackgroundTask] = []
+        if with_api:
+            self.fanout = FanoutReader(
+                self._blocking_client(choice.url, blocking_timeout),
+                redis,
+                self.keys,
+                self.manager.deliver,
+                block_ms=settings.fanout_block_ms,
+            )
+            self.manager.tracker = self.fanout
+            self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
+        if with_worker:
+            self.worker = Worker(
+                redis=redis,
+                reader=self._blocking_client(choice.url, blocking_timeout),
+                keys=self.keys,
+                settings=settings,
+                providers=self.providers,
+            )
+            self.tasks.append(BackgroundTask("worker", self.worker.run))
+        self.stopping = False
+
+    def _blocking_client(self, url: str, timeout: float) -> Redis:
+        client = make_client(url, self.settings, socket_timeout=timeout)
+        self._blocking_clients.append(client)
+        return client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(
+        cls, settings: Settings, *, with_api: bool = True, with_worker: bool = True
+    ) -> AsyncIterator[Runtime]:
+        """Select Redis, start the components, and stop everything on exit."""
+        choice = await select_redis(settings, log)
+        redis = make_client(choice.url, settings)
+        runtime: Runtime | None = None
+        try:
+            tokens = StreamTokens(
+                await _stream_secrets(settings, redis, Keys(settings.key_prefix)),
+                settings.stream_token_ttl_s,
+            )
+            runtime = cls(
+                settings, choice, redis, tokens, with_api=with_api, with_worker=with_worker
+            )
+            for task in runtime.tasks:
+                task.start()
+            yield runtime
+        finally:
+            if runtime is not None:
+                await runtime._stop()
+            await redis.aclose()
+            await choice.aclose()
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        self.manager.close_all(CloseReason.SHUTDOWN)
+        for task in reversed(self.tasks):
+            await task.stop()
+        if self.fanout is not None:
+            await self.fanout.aclose()
+        await self.providers.aclose()
+        for client in self._blocking_clients:
+            await client.aclose()
+
+
+async def _stream_secrets(settings: Settings, redis: Redis, keys: Keys) -> list[bytes]:
+    """Configured secrets (comma-separated, first one signs), else one shared through Redis.
+
+    Sharing a generated secret through Redis lets every process of a fleet verify tokens the
+    others issued, with nothing to configure.
+    """
+    if settings.stream_secret:
+        return [part.strip().encode() for part in settings.stream_secret.split(",") if part]
+    await redis.set(keys.secret, secrets.token_urlsafe(32), nx=True)
+    shared: Any = await redis.get(keys.secret)
+    if shared is None:  # deleted between the two commands: use ours next time round
+        raise RedisUnavailable("the shared stream secret vanished; retry start-up")
+    return [shared]

@@ -1,0 +1,155 @@
+"""Work distribution: the request stream read by the worker consumer group.
+
+A request is read once by one worker (`XREADGROUP >`), acknowledged in batches when its
+generation has ended, renewed while it runs (so a live worker's long generation is never
+stolen), and reclaimed with `XAUTOCLAIM` once its worker has been silent for
+`reclaim_idle_ms`. The reclaim scan follows XAUTOCLAIM's cursor instead of restarting at 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from bridge.settings import Settings
+from bridge.streams.keys import Keys
+
+log = structlog.get_logger("bridge.consumer")
+
+
+class Delivery(msgspec.Struct):
+    """One request-stream entry handed to this worker, and how often it was delivered."""
+
+    entry_id: str
+    fields: dict[bytes, bytes]
+    times_delivered: int = 1
+
+
+class WorkQueue:
+    """This worker's handle on the request stream's consumer group."""
+
+    def __init__(self, redis: Redis, reader: Redis, keys: Keys, settings: Settings, name: str):
+        self._redis = redis
+        self._reader = reader  # a dedicated connection for the blocking read
+        self._keys = keys
+        self._settings = settings
+        self.name = name
+        self._reclaim_cursor = "0-0"
+        self._acks: list[str] = []
+        self._ack_ready = asyncio.Event()
+
+    async def ensure_group(self) -> None:
+        """Create the group at id 0 (so requests queued before any worker are served)."""
+        try:
+            await self._redis.xgroup_create(
+                self._keys.requests, self._keys.worker_group, id="0", mkstream=True
+            )
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """New requests for this worker, waiting up to `block_ms` for the first one."""
+        result: Any = await self._reader.xreadgroup(
+            self._keys.worker_group,
+            self.name,
+            {self._keys.requests: ">"},
+            count=count,
+            block=block_ms,
+        )
+        deliveries = []
+        for _key, entries in result or ():
+            for entry_id, fields in entries:
+                if fields:  # an entry deleted while pending comes back empty
+                    deliveries.append(Delivery(entry_id.decode(), fields))
+        return deliveries
+
+    async def reclaim(self, count: int = 50) -> list[Delivery]:
+        """Take over requests whose worker has been idle for `reclaim_idle_ms` (one scan step)."""
+        cursor, claimed, _deleted = await self._redis.xautoclaim(
+            self._keys.requests,
+            self._keys.worker_group,
+            self.name,
+            min_idle_time=self._settings.reclaim_idle_ms,
+            start_id=self._reclaim_cursor,
+            count=count,
+        )
+        self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        entries = [(eid.decode(), fields) for eid, fields in claimed if fields]
+        if not entries:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in entries:
+                pipe.xpending_range(
+                    self._keys.requests, self._keys.worker_group, entry_id, entry_id, 1
+                )
+            pending = await pipe.execute()
+        deliveries = []
+        for (entry_id, fields), info in zip(entries, pending, strict=True):
+            times = int(info[0]["times_delivered"]) if info else 1
+            deliveries.append(Delivery(entry_id, fields, times))
+        return deliveries
+
+    @property
+    def reclaim_scan_done(self) -> bool:
+        """True when the last reclaim step reached the end of the pending list."""
+        return self._reclaim_cursor == "0-0"
+
+    async def renew(self, entry_ids: Iterable[str]) -> None:
+        """Reset the idle time of requests this worker is still running."""
+        ids: list[Any] = list(entry_ids)
+        if ids:
+            await self._redis.xclaim(
+                self._keys.requests,
+                self._keys.worker_group,
+                self.name,
+                min_idle_time=0,
+                message_ids=ids,
+                justid=True,
+            )
+
+    def ack(self, entry_id: str) -> None:
+        """Acknowledge later, together with others (see `run_acks`)."""
+        self._acks.append(entry_id)
+        self._ack_ready.set()
+
+    async def run_acks(self) -> None:
+        """Flush acknowledgements in batches until cancelled; keep them across Redis errors."""
+        while True:
+            await self._ack_ready.wait()
+            await self.flush_acks()
+
+    async def flush_acks(self) -> None:
+        """Acknowledge everything buffered in one XACK."""
+        self._ack_ready.clear()
+        batch, self._acks = self._acks, []
+        if not batch:
+            return
+        try:
+            await self._redis.xack(self._keys.requests, self._keys.worker_group, *batch)
+        except BaseException:
+            self._acks[:0] = batch  # retried on the next flush; XACK is idempotent
+            self._ack_ready.set()
+            raise
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a request that cannot be served to the dead-letter stream, and acknowledge it."""
+        fields: dict[Any, Any] = dict(delivery.fields)
+        fields.update(
+            {
+                "dead_reason": reason,
+                "origin_id": delivery.entry_id,
+                "times_delivered": str(delivery.times_delivered),
+            }
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._keys.dead_letters, fields, maxlen=10_000, approximate=True)
+            pipe.xack(self._keys.requests, self._keys.worker_group, delivery.entry_id)
+            await pipe.execute()
+        log.warning("request_dead_lettered", entry=delivery.entry_id, reason=reason)
