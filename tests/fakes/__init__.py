@@ -1,0 +1,1 @@
+"""In-process and stand-alone fakes of the services bridge talks to."""
