@@ -6,7 +6,6 @@ import time
 import uuid
 from urllib.parse import quote
 
-import msgspec
 from litestar import Controller, post
 from litestar.exceptions import ServiceUnavailableException
 
@@ -39,7 +38,7 @@ class ChatController(Controller):
             session_id=session,
             model_id=model,
             messages=build_messages(data, runtime.settings),
-            params=msgspec.to_builtins(data.params) if data.params else {},
+            params=data.params.for_provider() if data.params else {},
             created_ms=now_ms(),
         )
         await enqueue(runtime.redis, runtime.keys, runtime.settings, job)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,7 +19,9 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
-class GenerationParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class GenerationParams(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, rename="camel"
+):
     """Sampling options passed to the provider; `mock*` ones only steer the built-in mock."""
 
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
@@ -32,6 +34,14 @@ class GenerationParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     mock_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
     mock_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     mock_fail_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+    def for_provider(self) -> dict[str, Any]:
+        """The options that are set, under the snake_case names providers use."""
+        return {
+            name: getattr(self, name)
+            for name in self.__struct_fields__
+            if getattr(self, name) is not None
+        }
 
 
 class StartChat(msgspec.Struct, frozen=True, rename="camel"):

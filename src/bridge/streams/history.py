@@ -64,11 +64,20 @@ async def replay(
 
 
 def _gap(model: str, info: dict[str, Any], after: EntryId | None) -> Gap | None:
+    """Compare a cursor with what the stream retains (Redis >= 7.0 XINFO fields).
+
+    Trimming only removes the oldest entries. So a cursor whose own entry is gone (it is
+    older than the first retained one) may have missed entries: that is reported, even in
+    the rare case where only the cursor's entry itself was trimmed. Never silent.
+    """
     last_generated = parse_entry_id(info["last-generated-id"])
-    max_deleted = parse_entry_id(info["max-deleted-entry-id"])
     if after is not None and after > last_generated:
         return Gap(model, "reset", after)
-    if max_deleted != (0, 0) and (after is None or after < max_deleted):
+    if after is None:
+        ever_trimmed = int(info["entries-added"]) > int(info["length"])
+        return Gap(model, "trimmed", None) if ever_trimmed else None
+    first = info.get("recorded-first-entry-id") or (info.get("first-entry") or (b"0-0",))[0]
+    if int(info["length"]) == 0 or after < parse_entry_id(first):
         return Gap(model, "trimmed", after)
     return None
 
