@@ -127,7 +127,8 @@ async def test_two_tabs_receive_the_identical_full_answer(
     assert complete[0]["finishReason"] == "stop"
     assert complete[0]["usage"]["completionTokens"] == UPSTREAM_TOKENS
     ids = [e.id for e in tab1.events if e.event == "token"]
-    assert len(set(ids)) == len(ids) and all(i.startswith("gpt-4:") for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("gpt-4:") for i in ids)
 
 
 async def test_a_late_tab_replays_the_finished_answer(
@@ -265,7 +266,8 @@ async def test_reading_needs_the_sessions_token(
     wrong = await api.get(f"/api/sse/stream/{mine}?token={theirs['streamToken']}")
     assert wrong.status_code == 403
     ghost = await api.get(f"/api/sse/stream/nobody?token={started['streamToken']}")
-    assert ghost.status_code == 403 and ghost.json()["detail"] == wrong.json()["detail"]
+    assert ghost.status_code == 403
+    assert ghost.json()["detail"] == wrong.json()["detail"]
     async with api.stream(
         "GET",
         f"/api/sse/stream/{other}",
@@ -291,7 +293,8 @@ async def test_a_cursor_older_than_retention_is_reported(
         await resumed.wait_terminal()
     assert resumed.events[0].event == "gap"
     gap = payloads(resumed.events, "gap")[0]
-    assert gap["reason"] == "trimmed" and gap["modelId"] == "gpt-4"
+    assert gap["reason"] == "trimmed"
+    assert gap["modelId"] == "gpt-4"
     assert len(tokens(resumed.events)) == 4  # the 4 last tokens; the terminal is the 5th entry
     async with open_stream(url, **{"Last-Event-ID": "gpt-4:99999999999999-0"}) as future:
         await future.wait_terminal()
@@ -350,7 +353,8 @@ async def test_bad_input_gets_a_clear_error_and_touches_nothing(
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     problem = response.json()
-    assert problem["status"] == status and problem["detail"]
+    assert problem["status"] == status
+    assert problem["detail"]
     assert needle in response.text
     assert await store.xlen(f"{prefix}requests") == before
     assert await store.exists(f"{prefix}session:a") == 0

@@ -1,4 +1,4 @@
-"""One place mapping errors to HTTP responses: RFC 9457 problem details (`application/problem+json`)."""
+"""One place mapping errors to HTTP responses: RFC 9457 problem details (problem+json)."""
 
 from __future__ import annotations
 
