@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +19,7 @@ from bridge.providers.openai import OpenAIProvider
 from tests.fakes.openai_upstream import FakeUpstream
 
 KEY = "sk-test-0123456789-secret"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _request(fake: dict[str, Any] | None = None, **params: Any) -> ProviderRequest:
@@ -274,8 +278,9 @@ async def test_cancelling_the_consumer_task_closes_the_upstream_connection(
     await asyncio.wait_for(upstream.requests[0].disconnected.wait(), 2)
 
 
-async def test_split_crlf_lines_and_midstream_error_objects_are_parsed() -> None:
-    """SSE parsing survives arbitrary byte splits and CRLF, and surfaces in-stream errors."""
+@pytest.mark.parametrize("piece", [7, 1 << 16])
+async def test_split_crlf_lines_and_midstream_error_objects_are_parsed(piece: int) -> None:
+    """SSE parsing survives any byte split and CRLF; deltas before an in-stream error survive."""
     events = [
         b": keep-alive comment\r\n\r\n",
         b'data:{"choices":[{"index":0,"delta":{"content":"Hel"}}]}\r\n\r\n',
@@ -285,8 +290,8 @@ async def test_split_crlf_lines_and_midstream_error_objects_are_parsed() -> None
     body = b"".join(events)
 
     async def pieces() -> AsyncIterator[bytes]:
-        for start in range(0, len(body), 7):
-            yield body[start : start + 7]
+        for start in range(0, len(body), piece):
+            yield body[start : start + piece]
 
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=pieces()))
     async with httpx.AsyncClient(transport=transport) as client:
@@ -315,3 +320,31 @@ def test_unusable_base_url_is_a_config_error(url: str) -> None:
     """A base URL that is not http(s) with a host is rejected at construction."""
     with pytest.raises(ConfigError):
         OpenAIProvider(url, None, 1, 1)
+
+
+async def test_fake_upstream_runs_as_a_separate_process() -> None:
+    """`python -m tests.fakes.openai_upstream` prints READY <base_url> and then serves streams."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.openai_upstream",
+        "--port",
+        "0",
+        "--tokens",
+        "3",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        ready, base_url = (await asyncio.wait_for(process.stdout.readline(), 10)).split()
+        assert ready == b"READY"
+        provider = OpenAIProvider(base_url.decode(), KEY, connect_timeout_s=2, read_timeout_s=2)
+        try:
+            items = await _collect(provider, _request())
+        finally:
+            await provider.aclose()
+        assert _texts(items) == ["t0 ", "t1 ", "t2 "]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0

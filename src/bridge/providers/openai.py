@@ -74,15 +74,18 @@ class _SSEChunks:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
 
-    def feed(self, data: bytes) -> list[str]:
-        """The delta texts of the complete lines in `data`; ignores anything after [DONE]."""
+    def feed(self, data: bytes) -> Iterator[str]:
+        """The delta texts of the complete lines in `data`; ignores anything after [DONE].
+
+        A generator, so the texts before a bad line are yielded before its error is raised.
+        """
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()
         if len(self._pending) > _MAX_LINE_BYTES:
             raise ProviderError("provider_protocol_error", "upstream sent an overlong SSE line")
         return self._lines(lines)
 
-    def end(self) -> list[str]:
+    def end(self) -> Iterator[str]:
         """The delta texts of a last line that had no newline, at the end of the body."""
         pending, self._pending = self._pending, b""
         return self._lines([pending])
@@ -95,16 +98,14 @@ class _SSEChunks:
             )
         return Finish(reason=self.finish_reason or "stop", usage=self.usage)
 
-    def _lines(self, lines: list[bytes]) -> list[str]:
-        texts: list[str] = []
+    def _lines(self, lines: list[bytes]) -> Iterator[str]:
         for line in lines:
             if self.done:
-                break
+                return
             if line.startswith(b"data:"):
                 text = self._event(line[5:].strip())
                 if text:
-                    texts.append(text)
-        return texts
+                    yield text
 
     def _event(self, payload: bytes) -> str | None:
         if payload == b"[DONE]":
