@@ -20,7 +20,7 @@ DEFAULT_MODELS = (
     "gemini=gemini/gemini-1.5-flash,"
     "deepseek=deepseek-ai/deepseek-chat,"
     "gpt-4=gpt-4,"
-    "mock=mock"
+    "mock=mock:mock"
 )
 
 
