@@ -50,9 +50,12 @@ class Behaviour:
     finish_reason: str | None = "stop"  # None: send no finish chunk
     done: bool = True  # send `data: [DONE]`
     content: tuple[str, ...] | None = None  # token texts instead of t0, t1, ...
+    stamp: bool = False  # token texts `t<i>@<epoch microseconds at write> ` (the benchmark's)
 
     def token(self, index: int) -> str:
         """The text of token `index`."""
+        if self.stamp:
+            return f"t{index}@{time.time_ns() // 1000} "
         return self.content[index] if self.content is not None else f"t{index} "
 
 
@@ -75,6 +78,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "finish_reason": _maybe(str),
     "done": _flag,
     "content": lambda value: tuple(str(item) for item in value),
+    "stamp": _flag,
 }
 
 
