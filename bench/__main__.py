@@ -20,6 +20,7 @@ import platform
 import resource
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,16 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def run_async(main: Coroutine[Any, Any, Path]) -> Path:
+    """The load generator runs on uvloop when it is installed, like the bridge."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     _raise_file_limit()
-    asyncio.run(run_bench(args))
+    run_async(run_bench(args))
     return 0
 
 

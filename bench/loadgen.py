@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -42,6 +42,8 @@ class _Choice(msgspec.Struct):
 class _UpstreamChunk(msgspec.Struct):
     choices: list[_Choice] = []
 
+
+OPEN_TIMEOUT_S = 30.0
 
 # states of the chunked transfer decoder
 _SIZE, _DATA, _CRLF, _END = "size", "data", "crlf", "end"
@@ -115,10 +117,9 @@ class _HTTPStream(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.connected_us = now_us()
-        transport.write(self._request)
+        self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -291,8 +292,9 @@ async def open_stream(
 ) -> _HTTPStream:
     """Connect and send the request; returns once the response head arrived."""
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(protocol_factory, host, port)
-    await protocol.opened
+    async with asyncio.timeout(OPEN_TIMEOUT_S):
+        _, protocol = await loop.create_connection(protocol_factory, host, port)
+        await protocol.opened
     return protocol
 
 
