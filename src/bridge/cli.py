@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import structlog
 
@@ -30,15 +31,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings, args.host, args.port, with_worker=not args.no_worker)
         if args.command == "worker":
-            return asyncio.run(run_worker(settings))
+            return run_async(run_worker(settings))
         from bridge.chat_client import run_chat
 
-        return asyncio.run(run_chat(args))
+        return run_async(run_chat(args))
     except BridgeError as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop where it is installed (it halves event-loop overhead), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int:
