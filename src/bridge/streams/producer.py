@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -23,10 +24,14 @@ from bridge.settings import Settings
 from bridge.streams.codec import EventType, StreamEvent, now_ms, to_fields
 from bridge.streams.keys import Keys
 
+_encode = msgspec.json.Encoder().encode
+
 APPEND_SCRIPT = """
 -- KEYS: stream, generation hash, usage hash
--- ARGV: epoch, maxlen, ttl, usage field, final status ("" if none), entry count,
---       then per entry: seq, is_token, field count, fields...
+-- ARGV: epoch, maxlen, ttl, usage field, final status ("" if none),
+--       entries as one JSON array of [seq, is_token, field, value, ...]
+--       (one argument instead of a dozen per entry: packing arguments was the client's
+--       largest cost per token)
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('FENCED owner epoch is ' .. tostring(epoch))
@@ -36,21 +41,17 @@ if status == 'complete' or status == 'error' or status == 'cancelled' then
   return redis.error_reply('FENCED generation already ended: ' .. status)
 end
 local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
-local i = 7
 local tokens = 0
 local last_id = false
-for _ = 1, tonumber(ARGV[6]) do
-  local seq = tonumber(ARGV[i])
-  local is_token = ARGV[i + 1]
-  local n = tonumber(ARGV[i + 2])
+for _, entry in ipairs(cjson.decode(ARGV[6])) do
+  local seq = entry[1]
   if seq > last_seq then
     local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
-    for j = i + 3, i + 2 + n do args[#args + 1] = ARGV[j] end
+    for j = 3, #entry do args[#args + 1] = entry[j] end
     last_id = redis.call(unpack(args))
     last_seq = seq
-    if is_token == '1' then tokens = tokens + 1 end
+    if entry[2] == 1 then tokens = tokens + 1 end
   end
-  i = i + 3 + n
 end
 redis.call('HSET', KEYS[2], 'seq', last_seq)
 if tokens > 0 then
@@ -93,10 +94,11 @@ class StreamProducer:
         """Append `events` atomically with the fencing, idempotency and accounting checks."""
         final = events[-1].type.value if events and events[-1].terminal else ""
         ttl = self._settings.stream_ttl_s if final else self._active_ttl()
-        args: list[Any] = [epoch, self._settings.stream_maxlen, ttl, model, final, len(events)]
-        for event in events:
-            fields = to_fields(event)
-            args += [event.seq, 1 if event.type is EventType.TOKEN else 0, len(fields), *fields]
+        entries = [
+            [event.seq, 1 if event.type is EventType.TOKEN else 0, *to_fields(event)]
+            for event in events
+        ]
+        args = [epoch, self._settings.stream_maxlen, ttl, model, final, _encode(entries)]
         keys = [
             self._keys.stream(session, model),
             self._keys.generation(request_id),
