@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from bridge.errors import Fenced
 from bridge.settings import Settings
+from bridge.streams.batching import ScriptBatcher
 from bridge.streams.codec import EventType, StreamEvent, now_ms, to_fields
 from bridge.streams.keys import Keys
 
@@ -74,7 +75,8 @@ class StreamProducer:
         self._redis = redis
         self._keys = keys
         self._settings = settings
-        self._script = redis.register_script(APPEND_SCRIPT)
+        # appends of all this process's generations share round trips (see batching)
+        self._script = ScriptBatcher(redis, APPEND_SCRIPT)
 
     def writer(
         self, *, session: str, model: str, request_id: str, epoch: int, last_seq: int = 0
