@@ -57,12 +57,19 @@ def stamp_of(content: str) -> int:
     return int(content[content.index("@") + 1 :].rstrip())
 
 
+def _entry_ms(cursor: bytes) -> int:
+    """The Redis entry time (epoch ms) in a one-model cursor `model:<ms>-<seq>`."""
+    return int(cursor.rpartition(b":")[2].partition(b"-")[0])
+
+
 @dataclass
 class ClientStats:
     """Everything one logical client (a browser tab) received, across its connections."""
 
     expected: int
     latencies_us: list[int] = field(default_factory=list)
+    # the part after the Redis append: receive time minus the entry id's time (ms precision)
+    after_append_us: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     last_seq: int = 0
     duplicates: int = 0
@@ -72,7 +79,7 @@ class ClientStats:
     anomalies: list[str] = field(default_factory=list)  # gap, reconnect, error, HTTP failures
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def token(self, seq: int, stamp_us: int, received_us: int) -> None:
+    def token(self, seq: int, stamp_us: int, received_us: int, appended_ms: int = 0) -> None:
         if seq in self.seen:
             self.duplicates += 1
             return
@@ -81,6 +88,8 @@ class ClientStats:
         self.seen.add(seq)
         self.last_seq = max(self.last_seq, seq)
         self.latencies_us.append(received_us - stamp_us)
+        if appended_ms:
+            self.after_append_us.append(received_us - appended_ms * 1000)
         if self.first_token_us is None:
             self.first_token_us = received_us
 
@@ -239,7 +248,8 @@ class SSEConnection(_HTTPStream):
                 self.last_event_id = event_id.decode()
             if event == b"token":
                 token = _bridge_token(data_line)
-                stats.token(token.sequence, stamp_of(token.content), received_us)
+                appended_ms = _entry_ms(event_id) if event_id.count(b":") == 1 else 0
+                stats.token(token.sequence, stamp_of(token.content), received_us, appended_ms)
                 self.tokens += 1
                 if self.first_token_us is None:
                     self.first_token_us = received_us

@@ -178,6 +178,8 @@ def _token_figures(
         "out_of_order": sum(c.out_of_order for c in everyone),
         "incomplete": sum(1 for c in everyone if not c.complete),
         "added_ms": summarize_us(latencies),
+        # where the time went: after the Redis append (fan-out + SSE), the rest is before it
+        "after_append_ms": summarize_us(us for c in everyone for us in c.after_append_us),
         "ttft_ms": summarize_us(ttft),
         "wall_s": round(wall, 3),
         "tokens_per_s": round(delivered / wall, 1) if wall else 0.0,
