@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 from bridge.errors import CloseReason
-from bridge.streams.codec import Cursor, EntryId, StreamEvent, format_cursor, sse_data
+from bridge.streams.codec import Cursor, EntryId, StreamEvent, format_cursor, sse_data, sse_frame
 
 _ids = itertools.count(1)
 
@@ -21,19 +21,32 @@ _ids = itertools.count(1)
 class Envelope:
     """An event delivered to many connections; its wire encodings are computed once."""
 
-    __slots__ = ("_sse_data", "entry_id", "event", "model")
+    __slots__ = ("_frame", "_sse_data", "entry_id", "event", "model")
 
     def __init__(self, model: str, entry_id: EntryId, event: StreamEvent) -> None:
         self.model = model
         self.entry_id = entry_id
         self.event = event
         self._sse_data: bytes | None = None
+        self._frame: bytes | None = None
 
     @property
     def sse_data(self) -> bytes:
         if self._sse_data is None:
             self._sse_data = sse_data(self.event, self.model)
         return self._sse_data
+
+    @property
+    def frame(self) -> bytes:
+        """The whole SSE event for a connection whose cursor holds this model only.
+
+        That is every connection of a one-model session, so the bytes are shared by all
+        of them (encode once, write to many); other cursors need their own `id:` line.
+        """
+        if self._frame is None:
+            cursor = format_cursor({self.model: self.entry_id})
+            self._frame = sse_frame(self.event.type.value, self.sse_data, cursor)
+        return self._frame
 
 
 class Closed(Exception):
