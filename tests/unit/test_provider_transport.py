@@ -118,3 +118,24 @@ async def test_large_bodies_go_both_ways_intact() -> None:
     assert response.status_code == 200
     assert len(response.content) == size
     assert set(response.content) == {ord("y")}
+
+
+async def test_a_body_that_stops_arriving_times_out() -> None:
+    """Once the head is in, a gap between chunks longer than the read timeout raises."""
+    async with FakeUpstream(tokens=3, delay_ms=5000) as up, client(read=0.2) as http:
+        body = {"model": "m", "stream": True, "messages": []}
+        async with http.stream("POST", f"{up.base_url}/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.ReadTimeout):
+                async for _ in response.aiter_bytes():
+                    pass
+
+
+async def test_a_consumer_slower_than_the_read_timeout_is_not_timed_out() -> None:
+    """The read timeout measures the upstream's silence, not the reader's pace."""
+    async with FakeUpstream(tokens=5) as up, client(read=0.1) as http:
+        body = {"model": "m", "stream": True, "messages": []}
+        async with http.stream("POST", f"{up.base_url}/chat/completions", json=body) as response:
+            await asyncio.sleep(0.3)  # a busy consumer, not a poll
+            text = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert text.count(b"data: ") >= 6

@@ -37,6 +37,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None  # set while writing is paused
+        self._last_read = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -52,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = asyncio.get_running_loop().time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -79,6 +82,7 @@ class _Connection(asyncio.Protocol):
             )
             self.error = failure
         self.resume_writing()
+        self.stop_watchdog()
         self._wake()
 
     # httptools callbacks
@@ -147,8 +151,32 @@ class _Connection(asyncio.Protocol):
         if self._drained is not None:
             await asyncio.shield(self._drained)
 
+    def watch_reads(self, timeout: float | None) -> None:
+        """Fail a waiting read with ReadTimeout once nothing arrived for `timeout` seconds.
+
+        One timer per period, re-armed only when it fires: a timeout around every wait
+        for the next chunk (one per token) cost more than the chunk itself.
+        """
+        if self._watchdog is None and timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_at(self._last_read + timeout, self._on_watchdog, timeout)
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_watchdog(self, timeout: float) -> None:
+        self._watchdog = None
+        idle = asyncio.get_running_loop().time() - self._last_read
+        if self._waiter is not None and idle >= timeout and not self.complete:
+            self._fail(httpx.ReadTimeout(f"no data for {timeout} s"))
+        elif not self.complete and not self.closed:
+            self.watch_reads(timeout)
+
     def close(self) -> None:
         self.closed = True
+        self.stop_watchdog()
         if self.transport is not None:
             self.transport.close()
 
@@ -181,15 +209,13 @@ class _Body(httpx.AsyncByteStream):
             elif conn.error is not None:
                 raise conn.error
             else:
-                try:
-                    async with asyncio.timeout(self._read_timeout):
-                        await conn.wait()
-                except TimeoutError:
-                    raise httpx.ReadTimeout(f"no data for {self._read_timeout} s") from None
+                conn.watch_reads(self._read_timeout)
+                await conn.wait()
 
     async def aclose(self) -> None:
         if not self._released:
             self._released = True
+            self._conn.stop_watchdog()
             self._pool.release(self._conn)
 
 
