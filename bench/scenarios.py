@@ -260,6 +260,7 @@ async def run_idle(stack: Stack, scenario: Scenario, progress: Progress) -> dict
     stats = [ClientStats(0) for _ in range(count)]
     progress.watch(stats)
     progress.phase = "open"
+    opening = Meter(stack.processes())
     started = now_us()
 
     async def connect(index: int) -> SSEConnection:
@@ -274,6 +275,7 @@ async def run_idle(stack: Stack, scenario: Scenario, progress: Progress) -> dict
     results = await asyncio.gather(*(connect(i) for i in range(count)), return_exceptions=True)
     opened = [c for c in results if isinstance(c, SSEConnection) and c.status == 200]
     open_times = [c.opened_us - started for c in opened]
+    open_cpu, _ = opening.stop()
     progress.phase = "hold"
     meter = Meter(stack.processes())
     await asyncio.sleep(scenario.hold_s)
@@ -289,6 +291,10 @@ async def run_idle(stack: Stack, scenario: Scenario, progress: Progress) -> dict
         "alive_after_hold": alive,
         "open_all_s": round(max(open_times, default=0) / 1e6, 3),
         "open_ms": summarize_us(open_times),
+        "open_cpu_us_per_connection": {
+            name: round(seconds * 1e6 / max(len(opened), 1), 1)
+            for name, seconds in open_cpu.items()
+        },
         "memory_kib_per_connection": round(
             (rss_after - rss_before) / 1024 / max(len(opened), 1), 2
         ),
