@@ -139,3 +139,29 @@ async def test_a_consumer_slower_than_the_read_timeout_is_not_timed_out() -> Non
             await asyncio.sleep(0.3)  # a busy consumer, not a poll
             text = b"".join([chunk async for chunk in response.aiter_bytes()])
     assert text.count(b"data: ") >= 6
+
+
+async def test_a_body_delimited_by_the_connection_close_ends_cleanly() -> None:
+    """A response with neither length nor chunking ends, whole, when the server closes."""
+
+    async def handler(number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+
+    async with raw_server(handler) as url, client() as http:
+        response = await http.get(url)
+    assert response.text == "all of it"
+
+
+async def test_a_chunked_body_cut_short_is_a_protocol_error() -> None:
+    """A chunked body whose connection closes before the last chunk raises, not truncates."""
+
+    async def handler(number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+
+    async with raw_server(handler) as url, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(url)

@@ -45,6 +45,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self.head_done = False
         self.keep_alive = False
+        self.delimited = True
         self.complete = False
         self.error: Exception | None = None
         self.closed = False
@@ -75,6 +76,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.head_done and not self.delimited and exc is None:
+            self.complete = True  # a close-delimited body ends with the connection
         if not self.complete and self.error is None:
             message = f"connection closed: {exc}" if exc else "peer closed connection"
             failure: Exception = (
@@ -92,6 +95,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_done = True
         self.keep_alive = self._parser.should_keep_alive()  # only known at this point
+        names = {name.lower() for name, _ in self._headers}
+        # without either, the body is whatever arrives until the server closes
+        self.delimited = b"content-length" in names or b"transfer-encoding" in names
         self._wake()
 
     def on_body(self, body: bytes) -> None:
