@@ -120,14 +120,12 @@ class _HTTPStream(asyncio.Protocol):
         self._left = 0  # bytes left in the current chunk
         self.transport: asyncio.Transport | None = None
         self.status = 0
-        self.connected_us = 0
         self.opened_us = 0  # when the response head arrived
         self.opened = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.connected_us = now_us()
         self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:

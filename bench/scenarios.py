@@ -8,6 +8,7 @@ client saw `complete`. CPU is metered from the first `chat/start` to the last `c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from dataclasses import dataclass, replace
@@ -105,20 +106,23 @@ async def run_tokens(stack: Stack, shape: Shape, progress: Progress) -> dict[str
             stats.finish(False, f"HTTP {conn.status} on connect")
         return conn
 
-    first = await asyncio.gather(*(connect(s, c) for s in sessions for c in clients[s]))
+    pairs = [(s, c) for s in sessions for c in clients[s]]
+    first = await asyncio.gather(*(connect(s, c) for s, c in pairs))
     reconnects: list[tuple[int, SSEConnection]] = []
 
-    async def resume(conn: SSEConnection) -> None:
+    async def resume(session: str, conn: SSEConnection) -> None:
         await conn.closed
         if conn.stats.done.is_set():
             return
-        await asyncio.sleep(shape.pause_s)
+        await asyncio.sleep(shape.pause_s)  # the tab stays away a moment, as after a drop
         started = now_us()
-        again = await connect(session_of[id(conn.stats)], conn.stats, conn.last_event_id)
-        reconnects.append((started, again))
+        reconnects.append((started, await connect(session, conn.stats, conn.last_event_id)))
 
-    session_of = {id(c): s for s in sessions for c in clients[s]}
-    resumers = [asyncio.create_task(resume(c)) for c in first] if shape.drop_after else []
+    resumers = (
+        [asyncio.create_task(resume(s, c)) for (s, _), c in zip(pairs, first, strict=True)]
+        if shape.drop_after
+        else []
+    )
     meter = Meter(stack.processes())
     progress.phase = "stream"
     posted: dict[str, int] = {}
@@ -137,11 +141,9 @@ async def run_tokens(stack: Stack, shape: Shape, progress: Progress) -> dict[str
 
     await asyncio.gather(*(start(s) for s in sessions))
     timeout = shape.tokens / shape.rate + shape.sessions * 0.02 + _SLACK_S
-    try:
+    with contextlib.suppress(TimeoutError):  # whoever did not finish counts as incomplete
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(c.done.wait() for c in everyone))
-    except TimeoutError:
-        pass
     cpu, wall = meter.stop()
     for task in resumers:
         task.cancel()
