@@ -8,6 +8,7 @@
     ├── AccessDenied           a stream token is missing, expired, tampered or for another session
     ├── MalformedEntry         a stream entry that does not decode (skipped, never fatal)
     ├── Fenced                 this worker no longer owns the generation it tried to append to
+    ├── GenerationStopped      a processor or a limit ended the generation (an `error` event)
     └── ProviderError          an upstream LLM call failed; `code` is what the client sees
         ├── ProviderTimeout
         └── ProviderUnavailable
@@ -68,6 +69,15 @@ class MalformedEntry(BridgeError):
 
 class Fenced(BridgeError):
     """The generation was taken over by another worker; this one must stop writing."""
+
+
+class GenerationStopped(BridgeError):
+    """A processor or the session token limit ended a generation; `code` is what clients see."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 class ProviderError(BridgeError):

@@ -56,12 +56,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_concurrency: int = 64
     reclaim_idle_ms: int = 15_000
     max_deliveries: int = 3
+    session_token_limit: int = 0  # 0: no limit
+    redis_watch_s: float = 1.0
 
     provider: str = "mock"
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: str | None = None
     provider_connect_timeout_s: float = 10.0
     provider_read_timeout_s: float = 60.0
+    provider_retries: int = 2
+    provider_retry_backoff_s: float = 0.5
     models: tuple[ModelRoute, ...] = ()
 
     mock_tokens: int = 24
@@ -100,11 +104,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             worker_concurrency=reader.integer("BRIDGE_WORKER_CONCURRENCY", 64),
             reclaim_idle_ms=reader.integer("BRIDGE_RECLAIM_IDLE_MS", 15_000),
             max_deliveries=reader.integer("BRIDGE_MAX_DELIVERIES", 3),
+            session_token_limit=reader.integer("BRIDGE_SESSION_TOKEN_LIMIT", 0),
+            redis_watch_s=reader.number("BRIDGE_REDIS_WATCH_S", 1.0),
             provider=provider,
             openai_base_url=(openai_base_url or "https://api.openai.com/v1").rstrip("/"),
             openai_api_key=openai_api_key,
             provider_connect_timeout_s=reader.number("BRIDGE_PROVIDER_CONNECT_TIMEOUT_S", 10.0),
             provider_read_timeout_s=reader.number("BRIDGE_PROVIDER_READ_TIMEOUT_S", 60.0),
+            provider_retries=reader.integer("BRIDGE_PROVIDER_RETRIES", 2),
+            provider_retry_backoff_s=reader.number("BRIDGE_PROVIDER_RETRY_BACKOFF_S", 0.5),
             models=parse_models(env.get("BRIDGE_MODELS") or DEFAULT_MODELS),
             mock_tokens=reader.integer("BRIDGE_MOCK_TOKENS", 24),
             mock_delay_ms=reader.number("BRIDGE_MOCK_DELAY_MS", 20.0),
@@ -117,6 +125,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
         if settings.stream_maxlen < 100:
             raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
+        if settings.stream_ttl_s < 1:
+            raise ConfigError("BRIDGE_STREAM_TTL_S must be at least 1")
+        if settings.reclaim_idle_ms < 100:
+            raise ConfigError("BRIDGE_RECLAIM_IDLE_MS must be at least 100")
+        if settings.max_deliveries < 1:
+            raise ConfigError("BRIDGE_MAX_DELIVERIES must be at least 1")
+        if settings.redis_watch_s <= 0:
+            raise ConfigError("BRIDGE_REDIS_WATCH_S must be positive")
         return settings
 
     @property

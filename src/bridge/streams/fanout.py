@@ -12,7 +12,6 @@ entries among readers, and every connection needs every entry.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
 from bridge.streams.keys import Keys
@@ -98,17 +98,17 @@ class FanoutReader:
 
     async def run(self) -> None:
         """Read until cancelled; ride out Redis outages with capped backoff."""
-        backoff = 0.05
+        backoff = Backoff()
         while True:
+            raise_if_cancelling()
             try:
                 await self._read_once()
-                backoff = 0.05
+                backoff.reset()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self.connected:
                     log.warning("fanout_redis_error", error=str(exc))
                 self.connected = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
 
     async def _read_once(self) -> None:
         streams: dict[Any, Any] = dict(self._positions)

@@ -31,6 +31,13 @@ class Gap(msgspec.Struct, frozen=True):
     after: EntryId | None
 
 
+class HistoryStats:
+    """Counters of this process's catch-up reads (plain attributes, for metrics)."""
+
+    def __init__(self) -> None:
+        self.malformed = 0
+
+
 async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
     """Models that have had a generation in `session` (from its index stream)."""
     entries: Any = await redis.xrange(keys.session_index(session))
@@ -38,9 +45,19 @@ async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
 
 
 async def replay(
-    redis: Redis, keys: Keys, session: str, cursor: Cursor, *, page: int = 500
+    redis: Redis,
+    keys: Keys,
+    session: str,
+    cursor: Cursor,
+    *,
+    page: int = 500,
+    stats: HistoryStats | None = None,
 ) -> AsyncIterator[list[Envelope] | Gap]:
-    """Yield every retained entry after `cursor`, model by model, announcing gaps first."""
+    """Yield every retained entry after `cursor`, model by model, announcing gaps first.
+
+    Entries that do not decode are skipped with a log line and counted in `stats`.
+    """
+    stats = stats or HistoryStats()
     models = sorted(await session_models(redis, keys, session) | set(cursor))
     if not models:
         return
@@ -59,7 +76,7 @@ async def replay(
             yield gap
             if gap.reason == "reset":
                 after = None
-        async for batch in _pages(redis, keys.stream(session, model), model, after, page):
+        async for batch in _pages(redis, keys.stream(session, model), model, after, page, stats):
             yield batch
 
 
@@ -83,7 +100,7 @@ def _gap(model: str, info: dict[str, Any], after: EntryId | None) -> Gap | None:
 
 
 async def _pages(
-    redis: Redis, key: str, model: str, after: EntryId | None, page: int
+    redis: Redis, key: str, model: str, after: EntryId | None, page: int, stats: HistoryStats
 ) -> AsyncIterator[list[Envelope]]:
     start = f"({format_entry_id(after)}" if after is not None else "-"
     while True:
@@ -95,6 +112,7 @@ async def _pages(
             try:
                 batch.append(Envelope(model, parse_entry_id(raw_id), from_fields(fields)))
             except MalformedEntry as exc:
+                stats.malformed += 1
                 log.warning("malformed_entry_skipped", model=model, entry=raw_id, error=str(exc))
         if batch:
             yield batch

@@ -54,5 +54,5 @@ class Keys:
         return f"{self.prefix}gen:{request_id}"
 
     def usage(self, session: str) -> str:
-        """Hash of token counters for one session (fields per model)."""
+        """Hash of token counters for one session: a field per model, and `*` for the total."""
         return f"{self.prefix}usage:{session}"
