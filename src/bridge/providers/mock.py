@@ -39,9 +39,13 @@ class MockProvider:
     - `mock_delay_ms` (float): the delay before each token;
     - `mock_fail_after` (int): stream that many tokens (at most `mock_tokens`), then raise
       `ProviderError("mock_failure")`; `mock_fail_retryable` (bool) sets its `retryable`.
+
+    It continues a partial answer: given a `prefix` of k words, it streams from token k on,
+    so a taken-over generation ends with exactly the text an uninterrupted one would have.
     """
 
     name = "mock"
+    continues_prefix = True
 
     def __init__(self, tokens: int, delay_ms: float) -> None:
         if tokens < 0 or not delay_ms >= 0:
@@ -57,7 +61,8 @@ class MockProvider:
         delay_s = _delay_ms(params, "mock_delay_ms", self._delay_ms) / 1000
         fail_after = _count(params, "mock_fail_after")
         emitted = tokens if fail_after is None else min(tokens, fail_after)
-        for index in range(emitted):
+        start = min(len(request.prefix.split()), emitted)
+        for index in range(start, emitted):
             # sleep(0) still yields to the loop, so a zero delay cannot starve other tasks
             await asyncio.sleep(delay_s)
             yield Delta(mock_token(index))
@@ -68,10 +73,13 @@ class MockProvider:
                 retryable=bool(params.get("mock_fail_retryable", False)),
             )
         prompt = sum(len(message.content.split()) for message in request.messages)
+        completion = tokens - start
         yield Finish(
             reason="stop",
             usage=Usage(
-                prompt_tokens=prompt, completion_tokens=tokens, total_tokens=prompt + tokens
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=prompt + completion,
             ),
         )
 
