@@ -16,8 +16,11 @@ from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.providers.registry import ProviderRegistry
 from bridge.redis_select import RedisChoice, make_client, select_redis
+from bridge.redis_watch import RedisWatch
 from bridge.settings import Settings
+from bridge.streams.cancel import Canceller
 from bridge.streams.fanout import FanoutReader
+from bridge.streams.history import HistoryStats
 from bridge.streams.keys import Keys
 from bridge.worker import Worker
 
@@ -79,6 +82,14 @@ class Runtime:
         self.tokens = tokens
         self.providers = ProviderRegistry.from_settings(settings)
         self.manager = ConnectionManager(queue_size=settings.send_queue_size)
+        self.canceller = Canceller(redis, self.keys)
+        self.history_stats = HistoryStats()
+        self.watch = RedisWatch(
+            redis,
+            interval_s=settings.redis_watch_s,
+            timeout_s=max(settings.redis_watch_s, 1.0),
+            on_down=self._redis_down,
+        )
         blocking_timeout = settings.fanout_block_ms / 1000 + settings.redis_timeout_s
         self._blocking_clients: list[Redis] = []
         self.fanout: FanoutReader | None = None
@@ -94,6 +105,7 @@ class Runtime:
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
+            self.tasks.append(BackgroundTask("redis-watch", self.watch.run))
         if with_worker:
             self.worker = Worker(
                 redis=redis,
@@ -104,6 +116,12 @@ class Runtime:
             )
             self.tasks.append(BackgroundTask("worker", self.worker.run))
         self.stopping = False
+
+    def _redis_down(self) -> None:
+        # EventSource reconnects (after `retry:`) to a connection that ends; it resumes from
+        # its Last-Event-ID once Redis answers again.
+        closed = self.manager.close_all(CloseReason.REDIS_UNAVAILABLE)
+        log.warning("connections_closed_redis_down", connections=closed)
 
     def _blocking_client(self, url: str, timeout: float) -> Redis:
         client = make_client(url, self.settings, socket_timeout=timeout)

@@ -7,8 +7,11 @@ from typing import Any
 
 from litestar import Request, get
 from litestar.params import Parameter
+from litestar.response.base import ASGIResponse
+from redis.exceptions import RedisError
 
-from bridge.connections.sse import SSEResponse
+from bridge.connections.sse import SSEResponse, closed_stream
+from bridge.errors import CloseReason, RedisUnavailable
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
 from bridge.streams.history import replay
@@ -39,11 +42,13 @@ async def sse_stream(
     runtime: Runtime,
     token: str | None = None,
     last_event_id: str | None = Parameter(query="last_event_id", default=None),
-) -> SSEResponse:
+) -> ASGIResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
     The cursor comes from the `Last-Event-ID` header (EventSource sends it on reconnect) or
     the `last_event_id` query parameter. Without one, the whole retained stream is replayed.
+    While Redis is away the stream ends at once with a `reconnect` event (EventSource
+    retries), never a 5xx (after which EventSource would give up).
     """
     session = check_id("sessionId", session_id)
     runtime.tokens.verify(session, stream_token(request, token))
@@ -52,11 +57,16 @@ async def sse_stream(
         from litestar.exceptions import ServiceUnavailableException
 
         raise ServiceUnavailableException("this process is shutting down")
-    sub = await runtime.manager.connect(session, cursor)
+    try:
+        if not await runtime.watch.available():
+            raise RedisUnavailable("Redis is away")
+        sub = await runtime.manager.connect(session, cursor)
+    except (RedisUnavailable, RedisError, OSError):
+        return closed_stream(CloseReason.REDIS_UNAVAILABLE, runtime.settings.sse_retry_ms)
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,
-        history=partial(replay, runtime.redis, runtime.keys, session),
+        history=partial(replay, runtime.redis, runtime.keys, session, stats=runtime.history_stats),
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
     )

@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
+from redis.exceptions import RedisError
 
 from bridge.errors import CloseReason
 from bridge.streams.codec import Cursor, format_entry_id, sse_frame
@@ -47,6 +48,19 @@ def gap_frame(gap: Gap) -> bytes:
             "reason": gap.reason,
             "after": format_entry_id(gap.after) if gap.after else None,
         },
+    )
+
+
+def closed_stream(reason: CloseReason, retry_ms: int) -> ASGIResponse:
+    """A stream that ends at once with `reconnect`: EventSource retries after `retry_ms`.
+
+    Used when Redis is away: a 5xx would make EventSource give up for good.
+    """
+    body = f": \nretry: {retry_ms}\n\n".encode() + control_frame(
+        "reconnect", {"reason": reason.value}
+    )
+    return ASGIResponse(
+        body=body, headers=SSE_HEADERS, media_type="text/event-stream", status_code=200
     )
 
 
@@ -105,19 +119,26 @@ class SSEResponse(ASGIResponse):
                 writer.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
 
+    async def _catch_up(self, send: Send) -> None:
+        async for item in self._history(self._sub.cursor):
+            if isinstance(item, Gap):
+                if item.reason == "reset":
+                    self._sub.cursor.pop(item.model, None)
+                await _body(send, gap_frame(item))
+            else:
+                chunk = encode_batch(self._sub, item)
+                if chunk:
+                    await _body(send, chunk)
+
     async def _write(self, send: Send) -> None:
         # Flush the headers with a first comment so proxies and browsers see the stream open.
         await _body(send, f": \nretry: {self._retry_ms}\n\n".encode())
         try:
-            async for item in self._history(self._sub.cursor):
-                if isinstance(item, Gap):
-                    if item.reason == "reset":
-                        self._sub.cursor.pop(item.model, None)
-                    await _body(send, gap_frame(item))
-                else:
-                    chunk = encode_batch(self._sub, item)
-                    if chunk:
-                        await _body(send, chunk)
+            try:
+                await self._catch_up(send)
+            except (RedisError, OSError) as exc:
+                log.warning("sse_catch_up_failed", connection_id=self._sub.id, error=str(exc))
+                self._sub.close(CloseReason.REDIS_UNAVAILABLE)
             while True:
                 batch = await self._sub.next_batch(self._heartbeat_s)
                 chunk = encode_batch(self._sub, batch) if batch else b": ping\n\n"
