@@ -50,10 +50,13 @@ class Behaviour:
     finish_reason: str | None = "stop"  # None: send no finish chunk
     done: bool = True  # send `data: [DONE]`
     content: tuple[str, ...] | None = None  # token texts instead of t0, t1, ...
+    pad: int = 0  # pad each default token text with "x" to this many characters
 
     def token(self, index: int) -> str:
         """The text of token `index`."""
-        return self.content[index] if self.content is not None else f"t{index} "
+        if self.content is not None:
+            return self.content[index]
+        return f"t{index} ".ljust(self.pad, "x")
 
 
 def _flag(value: Any) -> bool:
@@ -75,6 +78,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "finish_reason": _maybe(str),
     "done": _flag,
     "content": lambda value: tuple(str(item) for item in value),
+    "pad": int,
 }
 
 
