@@ -229,3 +229,21 @@ async def test_usage_equals_tokens_written_across_two_apis_two_workers_and_a_kil
         sequences = [p["sequence"] for _, p in request_events(mine[0].events, chat["requestId"])]
         assert strictly_increasing(sequences)
     await wait_until(lambda: no_pending(redis, key_prefix), 20, "acknowledgement")
+
+
+async def test_a_worker_stopped_gracefully_hands_its_request_back_at_once(
+    api: httpx.AsyncClient, processes: Fleet, redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """SIGTERM to a worker mid-answer: it exits cleanly and marks its running request idle
+    for the whole reclaim time, so the next worker's scan takes it without waiting."""
+    worker = processes.worker(BRIDGE_RECLAIM_IDLE_MS="600000")
+    await processes.ready(*processes.processes)
+    started = await start_chat(
+        api, session_id(), "mock", params={"mockTokens": 1000, "mockDelayMs": 10}
+    )
+    async with open_stream(str(api.base_url) + started["streamUrl"]) as tab:
+        await tab.wait_for(lambda evs: len(tokens(evs)) >= 10)
+    assert worker.stop() == 0
+    pending: Any = await redis.xpending_range(f"{key_prefix}requests", "workers", "-", "+", 10)
+    assert len(pending) == 1
+    assert pending[0]["time_since_delivered"] >= 600_000
