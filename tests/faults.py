@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -28,6 +29,11 @@ from tests.servers import BridgeProcess, start_bridge, wait_ready
 POLL_S = 0.05  # only for waiting on outside processes
 
 
+def new_session() -> str:
+    """A session id no other test uses."""
+    return f"s_{uuid.uuid4().hex[:10]}"
+
+
 async def wait_until(
     condition: Callable[[], Awaitable[bool]], timeout: float, what: str = "condition"
 ) -> None:
@@ -39,7 +45,7 @@ async def wait_until(
         await asyncio.sleep(POLL_S)
 
 
-def log_events(process: BridgeProcess) -> list[dict[str, Any]]:
+def logged_events(process: BridgeProcess) -> list[dict[str, Any]]:
     """The JSON log lines a bridge process wrote so far."""
     events = []
     for line in process.log().splitlines():
@@ -55,7 +61,7 @@ async def wait_for_log(process: BridgeProcess, event: str, timeout: float = 30.0
     found: list[dict[str, Any]] = []
 
     async def logged() -> bool:
-        found[:] = [e for e in log_events(process) if e.get("event") == event]
+        found[:] = [e for e in logged_events(process) if e.get("event") == event]
         return bool(found)
 
     try:
@@ -145,9 +151,6 @@ class RedisProcess:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(sig)
             self._process.wait(10)
-
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
 
 
 class TcpProxy:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from bridge.providers.mock import mock_answer
-from tests.faults import Fleet, answer_text, fleet, request_events, strictly_increasing
+from tests.faults import Fleet, answer_text, fleet, new_session, request_events, strictly_increasing
 from tests.servers import bridge_env, open_stream, start_chat, tokens
 
 pytestmark = pytest.mark.integration
@@ -31,7 +30,7 @@ async def test_tabs_of_a_killed_api_process_resume_on_another_exactly(processes:
     await processes.ready(worker, doomed, survivor)
     async with httpx.AsyncClient(base_url=survivor.base_url, timeout=15) as http:
         started = await start_chat(
-            http, f"s_{uuid.uuid4().hex[:10]}", params={"mockTokens": 300, "mockDelayMs": 10}
+            http, new_session(), params={"mockTokens": 300, "mockDelayMs": 10}
         )
     rid, path = started["requestId"], started["streamUrl"]
     async with open_stream(survivor.base_url + path) as steady:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.fakes.openai_upstream import FakeUpstream
-from tests.faults import Fleet, fleet, request_events
+from tests.faults import Fleet, fleet, new_session, request_events
 from tests.servers import bridge_env, open_stream, start_chat, tokens
 
 pytestmark = pytest.mark.integration
@@ -46,10 +45,6 @@ def processes(
         yield running
 
 
-def session_id() -> str:
-    return f"s_{uuid.uuid4().hex[:10]}"
-
-
 async def cancel(http: httpx.AsyncClient, started: dict[str, Any], **body: str) -> httpx.Response:
     url = f"/api/chat/{started['sessionId']}/cancel?token={quote(started['streamToken'])}"
     return await http.post(url, json=body or None)
@@ -63,7 +58,7 @@ async def test_cancel_aborts_the_upstream_call_and_ends_the_stream(
     api, worker = processes.serve(), processes.worker()
     await processes.ready(worker, api)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=15) as http:
-        started = await start_chat(http, session_id(), "long")
+        started = await start_chat(http, new_session(), "long")
         async with open_stream(api.base_url + started["streamUrl"]) as tab:
             await tab.wait_for(lambda evs: len(tokens(evs)) >= 20)
             cancelled_at = time.monotonic()
@@ -93,8 +88,8 @@ async def test_cancelling_what_is_unknown_or_not_yours_gets_a_clear_answer(
     api, worker = processes.serve(), processes.worker()
     await processes.ready(worker, api)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=15) as http:
-        mine = await start_chat(http, session_id(), "mock", params={"mockTokens": 1})
-        theirs = await start_chat(http, session_id(), "mock", params={"mockTokens": 1})
+        mine = await start_chat(http, new_session(), "mock", params={"mockTokens": 1})
+        theirs = await start_chat(http, new_session(), "mock", params={"mockTokens": 1})
         unknown = await cancel(http, mine, requestId="f" * 32)
         assert unknown.status_code == 404
         assert unknown.headers["content-type"].startswith("application/problem+json")
@@ -115,8 +110,8 @@ async def test_a_queued_request_cancelled_before_it_starts_never_reaches_the_ups
     api, worker = processes.serve(), processes.worker(BRIDGE_WORKER_CONCURRENCY="1")
     await processes.ready(worker, api)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=15) as http:
-        busy = await start_chat(http, session_id(), "long")
-        queued = await start_chat(http, session_id(), "long")
+        busy = await start_chat(http, new_session(), "long")
+        queued = await start_chat(http, new_session(), "long")
         async with open_stream(api.base_url + busy["streamUrl"]) as tab:
             await tab.wait_for(lambda evs: len(tokens(evs)) >= 1)
         answer = await cancel(http, queued)
@@ -136,7 +131,7 @@ async def test_a_request_cancelled_while_its_worker_is_frozen_ends_when_reclaime
     api, frozen = processes.serve(), processes.worker()
     await processes.ready(frozen, api)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=15) as http:
-        started = await start_chat(http, session_id(), "long")
+        started = await start_chat(http, new_session(), "long")
         async with open_stream(api.base_url + started["streamUrl"]) as tab:
             await tab.wait_for(lambda evs: len(tokens(evs)) >= 10)
             frozen.kill(signal.SIGSTOP)

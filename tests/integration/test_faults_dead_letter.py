@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.providers.mock import mock_answer
-from tests.faults import Fleet, answer_text, fleet, log_events, request_events, wait_until
+from tests.faults import (
+    Fleet,
+    answer_text,
+    fleet,
+    logged_events,
+    new_session,
+    request_events,
+    wait_until,
+)
 from tests.servers import bridge_env, open_stream, start_chat, tokens
 
 pytestmark = pytest.mark.integration
@@ -29,10 +36,6 @@ def processes(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterator[Fleet
         yield running
 
 
-def session_id() -> str:
-    return f"s_{uuid.uuid4().hex[:10]}"
-
-
 async def test_a_request_whose_workers_keep_dying_is_dead_lettered(
     processes: Fleet, redis: aioredis.Redis, key_prefix: str
 ) -> None:
@@ -42,7 +45,7 @@ async def test_a_request_whose_workers_keep_dying_is_dead_lettered(
     await processes.ready(first, api)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=15) as http:
         started = await start_chat(
-            http, session_id(), params={"mockTokens": 2000, "mockDelayMs": 10}
+            http, new_session(), params={"mockTokens": 2000, "mockDelayMs": 10}
         )
     rid = started["requestId"]
     async with open_stream(api.base_url + started["streamUrl"]) as tab:
@@ -76,7 +79,7 @@ async def test_malformed_entries_are_skipped_and_never_crash_a_reader_or_a_worke
     and every real answer still arrives exactly."""
     server = processes.serve(worker=True)
     await processes.ready(server)
-    session = session_id()
+    session = new_session()
     async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as http:
         started = await start_chat(http, session, params={"mockTokens": 200, "mockDelayMs": 10})
         url = server.base_url + started["streamUrl"]
@@ -116,7 +119,7 @@ async def test_malformed_entries_are_skipped_and_never_crash_a_reader_or_a_worke
     await wait_until(dead_lettered, 30, "three dead letters")
     dead: Any = await redis.xrange(f"{key_prefix}requests:dead")
     assert {fields[b"dead_reason"] for _, fields in dead} == {b"malformed"}
-    logged = [e.get("event") for e in log_events(server)]
+    logged = [e.get("event") for e in logged_events(server)]
     assert logged.count("malformed_request_skipped") == 3
     assert logged.count("malformed_entry_skipped") >= 8  # 4 live, 4 in the late replay
     assert server.proc.poll() is None

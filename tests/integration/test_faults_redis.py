@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.faults import (
     TcpProxy,
     answer_text,
     fleet,
+    new_session,
     request_events,
     strictly_increasing,
     wait_until,
@@ -38,6 +38,8 @@ PREFIX = "faults:"
 
 
 class Setup:
+    """The module's Redis, the proxy in front of it, and the processes using it."""
+
     def __init__(self, redis: RedisProcess, proxy: TcpProxy, processes: Fleet) -> None:
         self.redis = redis
         self.proxy = proxy
@@ -78,11 +80,11 @@ async def direct(setup: Setup) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def readiness(http: httpx.AsyncClient) -> int:
+async def readiness_is(http: httpx.AsyncClient, status: int) -> bool:
     try:
-        return (await http.get("/health/ready")).status_code
+        return (await http.get("/health/ready")).status_code == status
     except httpx.HTTPError:
-        return 0
+        return False
 
 
 async def ride_out(
@@ -95,7 +97,7 @@ async def ride_out(
 
     Returns every event the client received (before and after) and the chat/start answer.
     """
-    session = f"s_{uuid.uuid4().hex[:10]}"
+    session = new_session()
     started = await start_chat(http, session, params={"mockTokens": 400, "mockDelayMs": 10})
     url = setup.api.base_url + started["streamUrl"]
     async with open_stream(url) as tab:
@@ -105,7 +107,7 @@ async def ride_out(
         await tab.wait_for(lambda evs: any(e.event == "reconnect" for e in evs), timeout=30)
         await tab.wait_closed()
     assert '"reason":"redis_unavailable"' in tab.events[-1].data
-    await wait_until(lambda: _is(readiness(http), 503), 30, "readiness failing")
+    await wait_until(lambda: readiness_is(http, 503), 30, "readiness failing")
     refused = await http.post(
         "/api/chat/start", json={"sessionId": session, "modelId": "mock", "prompt": "hi"}
     )
@@ -127,12 +129,8 @@ async def ride_out(
     return tab.events + resumed.events, started
 
 
-async def _is(status: Awaitable[int], expected: int) -> bool:
-    return await status == expected
-
-
 async def a_new_chat_completes(setup: Setup, http: httpx.AsyncClient) -> None:
-    started = await start_chat(http, f"s_{uuid.uuid4().hex[:10]}", params={"mockTokens": 5})
+    started = await start_chat(http, new_session(), params={"mockTokens": 5})
     async with open_stream(setup.api.base_url + started["streamUrl"]) as tab:
         await tab.wait_terminal(timeout=60)
     assert answer_text(tab.events, started["requestId"]) == mock_answer(5)
@@ -216,7 +214,7 @@ async def test_a_redis_restart_without_persistence_loses_data_but_recovers(
     async def restart() -> None:
         await setup.redis.astart()
 
-    session = f"s_{uuid.uuid4().hex[:10]}"
+    session = new_session()
     started = await start_chat(http, session, params={"mockTokens": 400, "mockDelayMs": 10})
     url = setup.api.base_url + started["streamUrl"]
     async with open_stream(url) as tab:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.sse_client import SSEEvent, SSEParser
-from tests.faults import Fleet, RssSampler, fleet, upstream_process, wait_until
+from tests.faults import Fleet, RssSampler, fleet, new_session, upstream_process, wait_until
 from tests.servers import bridge_env, open_stream, start_chat, tokens
 
 pytestmark = pytest.mark.integration
@@ -94,7 +93,7 @@ async def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory_and_re
     with contextlib.ExitStack() as cleanup:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as http:
             with RssSampler(server.proc.pid) as memory:
-                started = await start_chat(http, f"s_{uuid.uuid4().hex[:10]}", "big")
+                started = await start_chat(http, new_session(), "big")
                 url = server.base_url + started["streamUrl"]
                 stuck = [await open_stuck(url) for _ in range(STUCK_CLIENTS)]
                 for _, writer in stuck:

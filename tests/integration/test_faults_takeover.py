@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from tests.faults import (
     Fleet,
     answer_text,
     fleet,
-    log_events,
+    logged_events,
+    new_session,
     request_events,
     strictly_increasing,
     upstream_process,
@@ -62,10 +62,6 @@ async def api(processes: Fleet) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-def session_id() -> str:
-    return f"s_{uuid.uuid4().hex[:10]}"
-
-
 async def owner_of(redis: aioredis.Redis, key_prefix: str, request_id: str) -> bytes:
     worker: Any = await redis.hget(f"{key_prefix}gen:{request_id}", "worker")
     assert worker, "the generation has no owner yet"
@@ -91,7 +87,7 @@ async def test_a_killed_worker_is_taken_over_and_the_answer_continues_exactly(
     the text equals the uninterrupted answer, sequences increase, usage equals tokens written."""
     first, second = processes.worker(), processes.worker()
     await processes.ready(*processes.processes)
-    session = session_id()
+    session = new_session()
     started = await start_chat(api, session, "mock", params={"mockTokens": 300, "mockDelayMs": 10})
     rid = started["requestId"]
     async with open_stream(str(api.base_url) + started["streamUrl"]) as tab:
@@ -118,7 +114,7 @@ async def test_a_killed_worker_is_taken_over_and_the_answer_continues_exactly(
     entries = await stream_entries(redis, key_prefix, session, "mock")
     assert sum(1 for _, fields in entries if fields[b"t"] == b"token") == 300
     survivor = second if victim is first else first
-    assert any(e.get("event") == "request_reclaimed" for e in log_events(survivor))
+    assert any(e.get("event") == "request_reclaimed" for e in logged_events(survivor))
     await wait_until(lambda: no_pending(redis, key_prefix), 20, "acknowledgement")
     # the heartbeat tells the health monitor the victim is dead and the survivor alive
     victim_name = owner.decode()
@@ -137,7 +133,7 @@ async def test_a_provider_without_continuation_restarts_visibly(
     answer starts over; a client following the seam rule shows it exactly once."""
     processes.worker(), processes.worker()
     await processes.ready(*processes.processes)
-    session = session_id()
+    session = new_session()
     started = await start_chat(api, session, "slowup")
     rid = started["requestId"]
     async with open_stream(str(api.base_url) + started["streamUrl"]) as tab:
@@ -165,7 +161,7 @@ async def test_a_paused_worker_woken_after_takeover_writes_nothing(
     renewal's lost-claim check, is what meets the takeover.)"""
     stale = processes.worker(BRIDGE_RECLAIM_IDLE_MS="120000")
     await processes.ready(*processes.processes)
-    session = session_id()
+    session = new_session()
     started = await start_chat(api, session, "mock", params={"mockTokens": 300, "mockDelayMs": 10})
     rid = started["requestId"]
     async with open_stream(str(api.base_url) + started["streamUrl"]) as tab:
@@ -184,7 +180,7 @@ async def test_a_paused_worker_woken_after_takeover_writes_nothing(
     assert await redis.hgetall(f"{key_prefix}usage:{session}") == usage_before
     assert answer_text(tab.events, rid) == mock_answer(300)
     # the woken worker is healthy again: it serves new requests
-    again = await start_chat(api, session_id(), "mock", params={"mockTokens": 5})
+    again = await start_chat(api, new_session(), "mock", params={"mockTokens": 5})
     async with open_stream(str(api.base_url) + again["streamUrl"]) as tab2:
         await tab2.wait_terminal(timeout=30)
     assert answer_text(tab2.events, again["requestId"]) == mock_answer(5)
@@ -199,7 +195,7 @@ async def test_usage_equals_tokens_written_across_two_apis_two_workers_and_a_kil
     apis = [processes.serve(), processes.serve()]
     workers = [processes.worker(), processes.worker()]
     await processes.ready(*apis, *workers)
-    sessions = [session_id() for _ in range(3)]
+    sessions = [new_session() for _ in range(3)]
     async with httpx.AsyncClient(base_url=apis[0].base_url, timeout=15) as http:
         chats = [
             await start_chat(http, s, "mock", params={"mockTokens": 400, "mockDelayMs": 10})
@@ -239,7 +235,7 @@ async def test_a_worker_stopped_gracefully_hands_its_request_back_at_once(
     worker = processes.worker(BRIDGE_RECLAIM_IDLE_MS="600000")
     await processes.ready(*processes.processes)
     started = await start_chat(
-        api, session_id(), "mock", params={"mockTokens": 1000, "mockDelayMs": 10}
+        api, new_session(), "mock", params={"mockTokens": 1000, "mockDelayMs": 10}
     )
     async with open_stream(str(api.base_url) + started["streamUrl"]) as tab:
         await tab.wait_for(lambda evs: len(tokens(evs)) >= 10)

@@ -22,7 +22,7 @@ from bridge.streams.consumer import WorkQueue
 from bridge.streams.jobs import GenerationJob, decode_job, encode_job, enqueue
 from bridge.streams.keys import Keys
 from bridge.streams.processor import GenerationContext
-from bridge.streams.producer import StreamProducer
+from bridge.streams.producer import GenerationWriter, StreamProducer
 from tests.faults import RedisProcess, TcpProxy, wait_until
 
 pytestmark = pytest.mark.integration
@@ -171,7 +171,7 @@ async def test_the_writer_rides_out_an_unreachable_redis(
             proxy.cut()
             for index in range(1, 50):
                 await writer.token(f"t{index} ")
-            await wait_until(_true_when(lambda: writer.retries >= 2), 30, "append retries")
+            await wait_until(lambda: retried(writer), 30, "append retries")
             proxy.restore()
             await writer.finish(EventType.COMPLETE, {})
         finally:
@@ -182,11 +182,8 @@ async def test_the_writer_rides_out_an_unreachable_redis(
     await redis.aclose()
 
 
-def _true_when(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
+async def retried(writer: GenerationWriter) -> bool:
+    return writer.retries >= 2
 
 
 @pytest.fixture
