@@ -56,7 +56,7 @@ def worker_settings(settings: Settings, upstream: FakeUpstream) -> Settings:
         models=parse_models(MODELS),
         openai_base_url=upstream.base_url,
         provider_retry_backoff_s=0.01,
-        generation_deadline_s=2.0,
+        generation_deadline_s=60.0,
         fanout_block_ms=200,
     )
 
@@ -141,8 +141,10 @@ async def test_the_deadline_ends_a_hung_upstream_and_closes_its_request(
 ) -> None:
     """An upstream that never answers is cut at the generation deadline: `error` with
     `deadline_exceeded`, and the upstream sees its request closed."""
-    async with running_worker(worker_settings):
-        events = await generate(redis, worker_settings, "hung")
+    short = msgspec.structs.replace(worker_settings, generation_deadline_s=3.0)
+    async with running_worker(short):
+        events = await generate(redis, short, "hung")
+        assert len(upstream.requests) == 1
         await asyncio.wait_for(upstream.requests[0].disconnected.wait(), 10)
     assert events[-1].data is not None
     assert events[-1].data["code"] == "deadline_exceeded"
