@@ -6,6 +6,7 @@ Every variable is documented in the README's configuration table; keep the two i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import msgspec
@@ -22,6 +23,9 @@ DEFAULT_MODELS = (
     "gpt-4=gpt-4,"
     "mock=mock:mock"
 )
+
+
+_ALIAS_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class ModelRoute(msgspec.Struct, frozen=True):
@@ -138,10 +142,16 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
         alias, target = alias.strip(), target.strip()
         if not sep or not alias or not target:
             raise ConfigError(f"BRIDGE_MODELS entry {item!r} is not alias=[provider:]model")
+        if not _ALIAS_RE.fullmatch(alias) or alias in (".", ".."):
+            raise ConfigError(
+                f"BRIDGE_MODELS alias {alias!r} is not a valid model id ([A-Za-z0-9_.-]{{1,128}})"
+            )
         provider: str | None = None
         head, colon, rest = target.partition(":")
         if colon and head in ("mock", "openai"):
-            provider, target = head, rest
+            provider, target = head, rest.strip()
+            if not target:
+                raise ConfigError(f"BRIDGE_MODELS entry {item!r} names no model after {head}:")
         if alias in seen:
             raise ConfigError(f"BRIDGE_MODELS names {alias!r} twice")
         seen.add(alias)

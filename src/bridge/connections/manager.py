@@ -68,7 +68,7 @@ class ConnectionManager:
             return
         envelopes = [Envelope(model, entry_id, event) for entry_id, event in batch]
         for sub in subs:
-            if not sub.offer(envelopes) and sub.closed is CloseReason.SLOW_CONSUMER:
+            if sub.closed is None and not sub.offer(envelopes):
                 self.overflows += 1
                 log.info("slow_consumer_closed", connection_id=sub.id, queued=sub.queued)
 
