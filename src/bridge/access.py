@@ -36,7 +36,13 @@ class StreamTokens:
         if not token:
             raise AccessDenied("a stream token is required", status_code=401)
         expiry_text, _, signature = token.partition(".")
-        if not expiry_text.isdigit() or len(expiry_text) > 12 or not signature:
+        # ASCII only: compare_digest refuses other strings, and int() takes non-ASCII digits
+        if (
+            not token.isascii()
+            or not expiry_text.isdigit()
+            or len(expiry_text) > 12
+            or not signature
+        ):
             raise AccessDenied("invalid stream token")
         expiry = int(expiry_text)
         valid = False

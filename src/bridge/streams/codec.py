@@ -23,6 +23,7 @@ EntryId = tuple[int, int]
 Cursor = dict[str, EntryId]
 
 MAX_CURSOR_CHARS = 8192
+_ID_LIMIT = 2**64
 _CURSOR_PART = re.compile(r"^([A-Za-z0-9_.-]{1,128}):(\d{1,20})-(\d{1,20})$")
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
@@ -146,7 +147,8 @@ def parse_cursor(text: str) -> Cursor:
     cursor: Cursor = {}
     for part in text.split(","):
         match = _CURSOR_PART.fullmatch(part)
-        if match is None:
+        entry_id = (int(match[2]), int(match[3])) if match else (_ID_LIMIT, 0)
+        if match is None or max(entry_id) >= _ID_LIMIT:  # Redis ids are two 64-bit parts
             raise BadRequest(f"Last-Event-ID {text[:80]!r} is not a cursor this server issued")
-        cursor[match[1]] = (int(match[2]), int(match[3]))
+        cursor[match[1]] = entry_id
     return cursor
