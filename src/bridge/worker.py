@@ -220,8 +220,8 @@ class Worker:
             await writer.seam({"mode": "restart", "discardedTokens": earlier_tokens})
         meter = self._limits.meter(job.tenant, job.session_id)
         kind, data = await self._run_provider(job, writer, meter)
+        await meter.settle()  # before the terminal event: a client that saw it sees usage too
         await writer.finish(kind, data)
-        await meter.settle()
         self.completed += 1
         log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
         return True
