@@ -99,7 +99,7 @@ class ApiKeys:
             raise AccessDenied("the API key is not valid", status_code=401)
         return found
 
-    def guard(
+    async def guard(
         self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
         """Litestar guard: require a key on every route not opted out; record its tenant."""

@@ -20,6 +20,12 @@ def is_safe_id(value: str) -> bool:
     return _ID_RE.fullmatch(value) is not None and value not in (".", "..")
 
 
+def indexed_model(fields: dict[bytes, bytes]) -> str | None:
+    """The model a session-index entry names, or None if it is not a safe id (never trusted)."""
+    model = fields.get(b"m", b"").decode("utf-8", "replace")
+    return model if is_safe_id(model) else None
+
+
 def check_id(kind: str, value: str) -> str:
     """Return `value` if it is a safe key part, else raise BadRequest naming `kind`."""
     if not is_safe_id(value):
