@@ -15,6 +15,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseStartEvent, Receive, Scope, Send
 
 from bridge.errors import BadRequest, RateLimited
+from bridge.settings import Settings
 
 PROBLEM_JSON = b"application/problem+json"
 
@@ -84,6 +85,15 @@ class MessageLimiter:
         self._tokens = self._burst
         self._clock = clock
         self._last = clock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MessageLimiter:
+        """A limiter with the `BRIDGE_WS_*` limits, for one new connection."""
+        return cls(
+            max_bytes=settings.ws_max_message_bytes,
+            per_s=settings.ws_messages_per_s,
+            burst=settings.ws_message_burst,
+        )
 
     def check(self, size: int) -> None:
         """Admit a message of `size` bytes, or raise (see the class docstring)."""

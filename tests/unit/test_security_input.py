@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from bridge.access import StreamTokens
 from bridge.client_limits import HeaderSizeLimit, MessageLimiter
 from bridge.errors import AccessDenied, BadRequest, RateLimited
+from bridge.settings import Settings
 from bridge.sse_client import SSEParser
 from bridge.streams.codec import (
     EventType,
@@ -185,6 +186,18 @@ def test_websocket_messages_over_the_size_limit_are_refused() -> None:
     with pytest.raises(BadRequest) as refused:
         limiter.check(1025)
     assert refused.value.status_code == 413
+
+
+def test_websocket_limits_come_from_settings() -> None:
+    """`MessageLimiter.from_settings` applies BRIDGE_WS_MAX_MESSAGE_BYTES and the rate."""
+    limiter = MessageLimiter.from_settings(
+        Settings.from_env({"BRIDGE_WS_MAX_MESSAGE_BYTES": "10", "BRIDGE_WS_MESSAGE_BURST": "1"})
+    )
+    with pytest.raises(BadRequest):
+        limiter.check(11)
+    limiter.check(10)
+    with pytest.raises(RateLimited):
+        limiter.check(10)
 
 
 def test_websocket_message_rate_is_a_token_bucket() -> None:
