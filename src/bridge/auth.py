@@ -43,7 +43,11 @@ class ApiKeyEntry(msgspec.Struct, frozen=True):
 
 def hash_key(key: str) -> str:
     """The hex SHA-256 digest of `key`, the form configuration stores."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    return _digest(key).hex()
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def generate_key() -> str:
@@ -90,7 +94,7 @@ class ApiKeys:
             raise AccessDenied(
                 "an API key is required (Authorization: Bearer <key>)", status_code=401
             )
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        digest = _digest(key)
         found: str | None = None
         for tenant, expected in self._entries:  # check all, so timing does not tell which
             if hmac.compare_digest(digest, expected) and found is None:

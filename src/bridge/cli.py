@@ -103,8 +103,9 @@ def hash_key_command(tenant: str | None, *, generate: bool) -> int:
         if not key:
             print("bridge: no key on stdin", file=sys.stderr)
             return 2
-    entry = f"{tenant}:{hash_key(key)}" if tenant else hash_key(key)
+    entry = hash_key(key)
     if tenant:
+        entry = f"{tenant}:{entry}"
         try:
             parse_api_keys(entry)
         except BridgeError as exc:

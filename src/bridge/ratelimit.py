@@ -81,7 +81,8 @@ return {1, 0, 0}
 """
 
 REFUND_SCRIPT = """
--- KEYS: counter hashes. ARGV: window ms, amount. Takes back an unused reservation.
+-- KEYS: counter hashes. ARGV: window ms, amount. Takes back an unused reservation (if the
+-- window rolled over since, the newer count is credited: off by at most one block, briefly).
 local t = redis.call('TIME')
 local index = math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / ARGV[1])
 for i = 1, #KEYS do

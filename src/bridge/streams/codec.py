@@ -147,8 +147,8 @@ def parse_cursor(text: str) -> Cursor:
     cursor: Cursor = {}
     for part in text.split(","):
         match = _CURSOR_PART.fullmatch(part)
-        entry_id = (int(match[2]), int(match[3])) if match else (_ID_LIMIT, 0)
-        if match is None or max(entry_id) >= _ID_LIMIT:  # Redis ids are two 64-bit parts
+        # Redis entry ids are two unsigned 64-bit numbers
+        if match is None or max(int(match[2]), int(match[3])) >= _ID_LIMIT:
             raise BadRequest(f"Last-Event-ID {text[:80]!r} is not a cursor this server issued")
-        cursor[match[1]] = entry_id
+        cursor[match[1]] = (int(match[2]), int(match[3]))
     return cursor
