@@ -23,6 +23,7 @@ class GenerationJob(msgspec.Struct, frozen=True):
     messages: tuple[Message, ...]
     params: dict[str, Any] = {}
     created_ms: float = 0.0
+    tenant: str = ""  # whom limits and usage are charged to (bridge.auth.principal)
 
 
 _encode = msgspec.json.Encoder().encode
