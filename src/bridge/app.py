@@ -5,39 +5,67 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import structlog
 from litestar import Litestar
 from litestar.di import Provide
+from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.types import ControllerRouterHandler, Scope
+from redis.exceptions import RedisError
 
 from bridge import __version__
 from bridge.api.chat import ChatController
 from bridge.api.health import HealthController
+from bridge.api.metrics import metrics_endpoint
+from bridge.api.observability import ObservabilityMiddleware
 from bridge.api.problems import EXCEPTION_HANDLERS
 from bridge.api.stream import sse_stream
+from bridge.errors import BridgeError
 from bridge.runtime import Runtime
 from bridge.settings import Settings
 
+log = structlog.get_logger("bridge.app")
 
-def create_app(settings: Settings | None = None, *, with_worker: bool = True) -> Litestar:
-    """Build the app; the runtime (Redis, fan-out reader, worker) starts with its lifespan."""
+
+def create_app(
+    settings: Settings | None = None, *, with_api: bool = True, with_worker: bool = True
+) -> Litestar:
+    """Build the app; the runtime (Redis, fan-out reader, worker) starts with its lifespan.
+
+    `with_api=False` serves only the operations routes (health and metrics): the listener
+    of `bridge worker`.
+    """
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with Runtime.running(settings, with_worker=with_worker) as runtime:
-            app.state.runtime = runtime
+        async with Runtime.running(settings, with_api=with_api, with_worker=with_worker) as rt:
+            app.state.runtime = rt
             yield
 
     def runtime_dependency() -> Runtime:
         runtime: Runtime = app.state.runtime
         return runtime
 
+    handlers: list[ControllerRouterHandler] = [HealthController, metrics_endpoint]
+    if with_api:
+        handlers[:0] = [ChatController, sse_stream]
     app = Litestar(
-        route_handlers=[ChatController, sse_stream, HealthController],
+        route_handlers=handlers,
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        after_exception=[_log_unexpected],
+        middleware=[ObservabilityMiddleware()],
+        # bridge.logging configures the logging of every library; Litestar must not redo it
+        logging_config=None,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="bridge", version=__version__, path="/schema"),
     )
     return app
+
+
+async def _log_unexpected(exc: Exception, scope: Scope) -> None:
+    """Log errors that become a 500; expected ones (4xx, Redis down) are mapped and logged."""
+    if not isinstance(exc, HTTPException | BridgeError | RedisError):
+        log.error("unhandled_error", path=scope.get("path"), exc_info=exc)

@@ -17,8 +17,6 @@ from bridge.settings import Settings
 
 log = structlog.get_logger("bridge.cli")
 
-SHUTDOWN_GRACE_S = 10
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bridge` console script."""
@@ -26,10 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(
+            settings.log_format,
+            settings.log_level,
+            secrets=_secrets(settings),
+            log_prompts=settings.log_prompts,
+        )
         if args.command == "serve":
             return serve(settings, args.host, args.port, with_worker=not args.no_worker)
         if args.command == "worker":
+            port = args.metrics_port or settings.metrics_port
+            if port:
+                return serve(settings, args.metrics_host, port, with_api=False)
             return asyncio.run(run_worker(settings))
         from bridge.chat_client import run_chat
 
@@ -41,40 +47,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int:
-    """Run the HTTP API (and, unless told otherwise, a worker) under uvicorn."""
-    import uvicorn
+def serve(
+    settings: Settings, host: str, port: int, *, with_api: bool = True, with_worker: bool = True
+) -> int:
+    """Run the app under uvicorn until SIGTERM/SIGINT, then shut down gracefully.
 
+    `with_api=False` serves only health and metrics: `bridge worker` with a metrics port.
+    """
     from bridge.app import create_app
+    from bridge.serving import serve_app
 
-    app = create_app(settings, with_worker=with_worker)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    server = uvicorn.Server(config)
-    server.run()
+    app = create_app(settings, with_api=with_api, with_worker=with_worker)
     # uvicorn swallows lifespan start-up failures into a non-zero exit of its own
-    return 0 if server.started else 1
+    return 0 if serve_app(app, host, port, delay_s=settings.shutdown_delay_s) else 1
 
 
 async def run_worker(settings: Settings) -> int:
-    """Run generation workers only, until SIGINT/SIGTERM."""
+    """Run generation workers only, without HTTP, until SIGINT/SIGTERM; then drain."""
     from bridge.runtime import Runtime
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime.running(settings, with_api=False, with_worker=True):
+    async with Runtime.running(settings, with_api=False, with_worker=True) as runtime:
         await stop.wait()
-        log.info("worker_stopping")
+        log.info("stop_signal_received")
+        await runtime.drained()
     return 0
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """Values no log line may contain."""
+    values = [settings.openai_api_key or ""]
+    values += (settings.stream_secret or "").split(",")
+    return [value.strip() for value in values if value.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--no-worker", action="store_true", help="API only, no generations")
-    commands.add_parser("worker", help="run generation workers only")
+    worker_cmd = commands.add_parser("worker", help="run generation workers only")
+    worker_cmd.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics and /health/* on this port (default: BRIDGE_METRICS_PORT; "
+        "neither: no HTTP listener)",
+    )
+    worker_cmd.add_argument("--metrics-host", default="127.0.0.1")
     chat = commands.add_parser("chat", help="start a chat and print tokens as they arrive")
     chat.add_argument("prompt", nargs="?", help="the prompt (omit with --resume)")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the bridge server")

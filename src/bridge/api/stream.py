@@ -5,10 +5,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import structlog
 from litestar import Request, get
 from litestar.params import Parameter
 
+from bridge.api.observability import STREAMING
 from bridge.connections.sse import SSEResponse
+from bridge.errors import CloseReason
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
 from bridge.streams.history import replay
@@ -32,6 +35,7 @@ def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> st
     media_type="text/event-stream",
     summary="Stream a session's events (Server-Sent Events)",
     tags=["chat"],
+    opt={STREAMING: True},
 )
 async def sse_stream(
     session_id: str,
@@ -53,6 +57,9 @@ async def sse_stream(
 
         raise ServiceUnavailableException("this process is shutting down")
     sub = await runtime.manager.connect(session, cursor)
+    structlog.contextvars.bind_contextvars(session_id=session, connection_id=sub.id)
+    if runtime.stopping:  # shutdown began while connecting: end at once with `reconnect`
+        sub.close(CloseReason.SHUTDOWN)
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import structlog
 
+from bridge import metrics
 from bridge.errors import CloseReason
 from bridge.streams.codec import Cursor, EntryId, StreamEvent
 
@@ -42,6 +43,7 @@ class ConnectionManager:
         """Register a new connection of `session`, resuming after `cursor`."""
         sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
         self._sessions.setdefault(session, set()).add(sub)
+        metrics.transport_meter(transport).opened()
         try:
             await self._ensure_tracked(session)
         except BaseException:
@@ -52,9 +54,11 @@ class ConnectionManager:
     def disconnect(self, sub: Subscriber) -> None:
         """Forget a connection; the last one of a session stops its tailing."""
         subs = self._sessions.get(sub.session)
-        if subs is None:
+        if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        reason = sub.closed.value if sub.closed is not None else "ended"
+        metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
             self._tracking.pop(sub.session, None)
@@ -80,6 +84,10 @@ class ConnectionManager:
                 sub.close(reason)
                 count += 1
         return count
+
+    def connections(self) -> list[Subscriber]:
+        """Every registered connection (a snapshot)."""
+        return [sub for subs in self._sessions.values() for sub in subs]
 
     @property
     def connection_count(self) -> int:

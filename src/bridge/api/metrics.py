@@ -1,0 +1,16 @@
+"""`GET /metrics`: this process's metrics in Prometheus text format."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+
+from bridge import metrics
+from bridge.runtime import Runtime
+
+
+@get("/metrics", summary="Prometheus metrics of this process", tags=["operations"])
+async def metrics_endpoint(runtime: Runtime) -> Response[bytes]:
+    """Refresh the gauges read from Redis (bounded by a short timeout), then render."""
+    await runtime.monitor.refresh_metrics()
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
