@@ -20,12 +20,12 @@ import time
 from collections.abc import Iterable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
@@ -34,6 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from bridge import __version__
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double every counter and help no query here
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
@@ -246,6 +247,10 @@ def set_build_info(role: str) -> None:
     BUILD.info({"version": __version__, "role": role})
 
 
-def render() -> tuple[bytes, str]:
-    """The registry in Prometheus text format, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+#: the classic text format, which every Prometheus 2.x and 3.x scrapes (the server adds charset)
+CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+def render() -> bytes:
+    """The registry in Prometheus text format (`CONTENT_TYPE`)."""
+    return generate_latest(REGISTRY)

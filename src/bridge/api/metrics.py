@@ -12,5 +12,4 @@ from bridge.runtime import Runtime
 async def metrics_endpoint(runtime: Runtime) -> Response[bytes]:
     """Refresh the gauges read from Redis (bounded by a short timeout), then render."""
     await runtime.monitor.refresh_metrics()
-    body, content_type = metrics.render()
-    return Response(body, media_type=content_type)
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
