@@ -34,7 +34,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from bridge import __version__
 
-disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double every counter and help no query here
+# `_created` series would double every counter and serve no query here
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
