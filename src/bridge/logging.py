@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor
@@ -72,12 +72,15 @@ def configure_logging(
     *,
     secrets: Iterable[str] = (),
     log_prompts: bool = False,
+    stream: TextIO | None = None,
 ) -> None:
-    """Configure structlog and the standard `logging` root logger to write to stderr.
+    """Configure structlog and the standard `logging` root logger to write to `stream`.
 
-    `log_format` is auto, json or console; `secrets` are values scrubbed from every line.
+    `log_format` is auto, json or console; `secrets` are values scrubbed from every line;
+    `stream` defaults to stderr.
     """
-    console = use_console(log_format)
+    stream = sys.stderr if stream is None else stream
+    console = use_console(log_format, stream)
     numeric_level = logging.getLevelName(level.upper())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -104,7 +107,7 @@ def configure_logging(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]

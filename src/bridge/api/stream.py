@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 from litestar import Request, get
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from bridge.api.observability import STREAMING
 from bridge.connections.sse import SSEResponse
@@ -42,7 +42,7 @@ async def sse_stream(
     request: Request[Any, Any, Any],
     runtime: Runtime,
     token: str | None = None,
-    last_event_id: str | None = Parameter(query="last_event_id", default=None),
+    last_event_id: str | None = QueryParameter(name="last_event_id", default=None),
 ) -> SSEResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
