@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 from litestar import Request, get
@@ -42,7 +42,7 @@ async def sse_stream(
     request: Request[Any, Any, Any],
     runtime: Runtime,
     token: str | None = None,
-    last_event_id: str | None = QueryParameter(name="last_event_id", default=None),
+    last_event_id: Annotated[str | None, QueryParameter(name="last_event_id")] = None,
 ) -> SSEResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
