@@ -1,4 +1,4 @@
-"""`bridge serve | worker | chat`: the command line."""
+"""`bridge serve | worker | chat | probe`: the command line."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bridge` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        return probe(args.port, args.path, args.timeout)
     try:
         settings = Settings.from_env()
         configure_logging(
@@ -77,6 +79,21 @@ async def run_worker(settings: Settings) -> int:
     return 0
 
 
+def probe(port: int, path: str, timeout_s: float) -> int:
+    """Exit 0 if `http://127.0.0.1:<port><path>` answers 200 (container health checks)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        print(f"bridge probe: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"bridge probe: HTTP {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _secrets(settings: Settings) -> list[str]:
     """Values no log line may contain."""
     values = [settings.openai_api_key or ""]
@@ -100,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
         "neither: no HTTP listener)",
     )
     worker_cmd.add_argument("--metrics-host", default="127.0.0.1")
+    probe_cmd = commands.add_parser("probe", help="check a local bridge's health endpoint")
+    probe_cmd.add_argument("--port", type=int, default=8000)
+    probe_cmd.add_argument("--path", default="/health/live")
+    probe_cmd.add_argument("--timeout", type=float, default=3.0)
     chat = commands.add_parser("chat", help="start a chat and print tokens as they arrive")
     chat.add_argument("prompt", nargs="?", help="the prompt (omit with --resume)")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the bridge server")

@@ -92,7 +92,8 @@ async def test_sigterm_closes_streams_refuses_work_and_finishes_generations(
         assert ready.json()["failing"] == ["accepting"]
         assert refused.status_code == 503
         assert refused.headers["content-type"].startswith("application/problem+json")
-        assert new_stream.status_code == 503
+        assert new_stream.status_code == 200  # EventSource would give up for good on a 503
+        assert new_stream.text.endswith('event: reconnect\ndata: {"reason":"shutdown"}\n\n')
         assert await exit_code(server) == 0, server.log()
     finally:
         server.stop()

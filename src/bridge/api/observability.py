@@ -69,8 +69,13 @@ class ObservabilityMiddleware(ASGIMiddleware):
             method = cast("HTTPScope", scope)["method"]
             if not streaming and route not in _UNTIMED_ROUTES:
                 metrics.HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed)
-            quiet = route.startswith(_QUIET_PREFIXES) and status < 500
-            (log.debug if quiet else log.info)(
+            if status >= 500:
+                emit = log.warning
+            elif route.startswith(_QUIET_PREFIXES):
+                emit = log.debug
+            else:
+                emit = log.info
+            emit(
                 "http_request",
                 method=method,
                 route=route,
