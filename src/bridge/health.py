@@ -78,7 +78,6 @@ class HealthMonitor:
             if sub.closed is None:
                 log.info("connection_stalled", connection_id=sub.id, idle_s=round(idle, 1))
                 sub.close(CloseReason.STALLED)
-                metrics.STALE_CONNECTIONS_REAPED.inc()
                 closed += 1
             elif idle > 2 * self.stall_after_s:  # its writer should have unregistered it
                 log.warning("connection_leaked", connection_id=sub.id, reason=sub.closed.value)

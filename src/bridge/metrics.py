@@ -64,7 +64,7 @@ TOKENS_DELIVERED = Counter(
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "bridge_time_to_first_token_seconds",
-    "From the request's creation (chat/start) to its first token stored by a worker.",
+    "From the request's creation (chat/start) to its first token from the provider.",
     ["model"],
     buckets=_FIRST_TOKEN,
     registry=REGISTRY,
@@ -175,11 +175,6 @@ BACKGROUND_TASK_RESTARTS = Counter(
 EVENT_LOOP_LAG = Gauge(
     "bridge_event_loop_lag_seconds",
     "How late the health monitor's last periodic tick ran: a busy or blocked event loop.",
-    registry=REGISTRY,
-)
-STALE_CONNECTIONS_REAPED = Counter(
-    "bridge_stale_connections_reaped_total",
-    "Connections the health monitor closed because their client stopped reading.",
     registry=REGISTRY,
 )
 HTTP_REQUEST_DURATION = Histogram(

@@ -20,6 +20,14 @@ from bridge import metrics
 
 _EXPECTED_REPLIES = ("BUSYGROUP", "FENCED", "NOSCRIPT")
 _BLOCKING = frozenset({"XREAD", "XREADGROUP"})
+_timers: dict[str, Any] = {}  # command -> its histogram child, bound once
+
+
+def _observe(command: str, seconds: float) -> None:
+    timer = _timers.get(command)
+    if timer is None:
+        timer = _timers[command] = metrics.REDIS_COMMAND_DURATION.labels(command)
+    timer.observe(seconds)
 
 
 def _failed(command: str, exc: Exception) -> None:
@@ -33,7 +41,7 @@ class ObservedRedis(Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         name = args[0]
-        command = (name.decode() if isinstance(name, bytes) else str(name)).upper()
+        command = name.decode() if isinstance(name, bytes) else str(name)
         started = time.perf_counter()
         try:
             result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
@@ -41,7 +49,7 @@ class ObservedRedis(Redis):
             _failed(command, exc)
             raise
         if command not in _BLOCKING or b"BLOCK" not in args:
-            metrics.REDIS_COMMAND_DURATION.labels(command).observe(time.perf_counter() - started)
+            _observe(command, time.perf_counter() - started)
         return result
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
@@ -63,5 +71,5 @@ class ObservedPipeline(Pipeline):
         except Exception as exc:
             _failed(command, exc)
             raise
-        metrics.REDIS_COMMAND_DURATION.labels(command).observe(time.perf_counter() - started)
+        _observe(command, time.perf_counter() - started)
         return result

@@ -256,3 +256,23 @@ async def _stopped_logging(worker: BridgeProcess, request_id: str, timeout: floa
     while request_id not in worker.log():
         assert asyncio.get_running_loop().time() < deadline, worker.log()
         await asyncio.sleep(0.05)
+
+
+def test_bridge_probe_exits_0_for_a_live_process_and_1_otherwise(
+    fleet: tuple[BridgeProcess, BridgeProcess],
+) -> None:
+    """`bridge probe` (the containers' health check) reflects the endpoint's answer."""
+    worker_port = fleet[1].base_url.rsplit(":", 1)[1]
+    probe = [sys.executable, "-m", "bridge.cli", "probe", "--port"]
+    ok = subprocess.run([*probe, worker_port], capture_output=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    closed = subprocess.run(
+        [*probe, str(free_port())], capture_output=True, timeout=30, check=False
+    )
+    assert closed.returncode == 1
+    assert b"ConnectError" in closed.stderr
+    missing = subprocess.run(
+        [*probe, worker_port, "--path", "/nope"], capture_output=True, timeout=30, check=False
+    )
+    assert missing.returncode == 1
+    assert b"HTTP 404" in missing.stderr

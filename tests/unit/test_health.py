@@ -31,13 +31,11 @@ async def test_sweep_closes_stalled_connections_and_spares_healthy_ones() -> Non
     stuck.on_close = reasons.append
     now = healthy.last_progress + monitor.stall_after_s / 2
     stuck.last_progress = now - monitor.stall_after_s - 1
-    before = metrics.STALE_CONNECTIONS_REAPED._value.get()
 
     assert monitor.sweep(now) == 1
     assert stuck.closed is CloseReason.STALLED
     assert reasons == [CloseReason.STALLED]
     assert healthy.closed is None
-    assert metrics.STALE_CONNECTIONS_REAPED._value.get() == before + 1
     assert manager.connection_count == 2  # its writer unregisters it once cancelled
 
 
