@@ -24,7 +24,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from bridge import metrics
 from bridge.errors import CloseReason
-from bridge.worker import live_workers
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -92,19 +91,20 @@ class HealthMonitor:
 
     async def readiness(self) -> list[Check]:
         """Everything that must hold for this process to take traffic; fails fast."""
+        return self._checks(await self.cluster_state(READY_REDIS_TIMEOUT_S))
+
+    def _checks(self, cluster: dict[str, Any]) -> list[Check]:
         runtime = self._runtime
         checks = [
             Check("accepting", not runtime.stopping, "shutting down" if runtime.stopping else "")
         ]
-        try:
-            async with asyncio.timeout(READY_REDIS_TIMEOUT_S):
-                await runtime.redis.ping()
-                workers = await live_workers(runtime.redis, runtime.keys)
-            checks.append(Check("redis", True))
-            checks.append(Check("workers", bool(workers), f"{len(workers)} live"))
-        except (TimeoutError, RedisError, OSError) as exc:
-            checks.append(Check("redis", False, type(exc).__name__))
+        if "error" in cluster:
+            checks.append(Check("redis", False, cluster["error"]))
             checks.append(Check("workers", False, "unknown: Redis did not answer"))
+        else:
+            live = len(cluster["workers"])
+            checks.append(Check("redis", True, f"{cluster['latencyMs']} ms"))
+            checks.append(Check("workers", live > 0, f"{live} live"))
         for task in runtime.tasks:
             detail = f"{task.restarts} restarts" + (
                 f", last error: {task.last_error}" if task.last_error else ""
@@ -115,14 +115,13 @@ class HealthMonitor:
     async def refresh_metrics(self) -> None:
         """Update the gauges read from Redis and from this process, before a scrape."""
         runtime = self._runtime
-        checks = await self.readiness()
-        metrics.READY.set(1 if all(c.ok for c in checks) else 0)
+        cluster = await self.cluster_state(READY_REDIS_TIMEOUT_S)
+        metrics.READY.set(1 if all(c.ok for c in self._checks(cluster)) else 0)
         if runtime.worker is not None:
             metrics.GENERATIONS_ACTIVE.set(runtime.worker.active)
-        state = await self.cluster_state(READY_REDIS_TIMEOUT_S)
-        group = state.get("requests") or {}
-        workers = state.get("workers")
+        workers = cluster.get("workers")
         metrics.WORKERS_LIVE.set(len(workers) if workers is not None else math.nan)
+        group = cluster.get("requests") or {}
         for gauge, field in (
             (metrics.CONSUMER_GROUP_LAG, "lag"),
             (metrics.CONSUMER_GROUP_PENDING, "pending"),
@@ -131,7 +130,8 @@ class HealthMonitor:
             gauge.set(value if isinstance(value, int) else math.nan)
 
     async def cluster_state(self, timeout_s: float) -> dict[str, Any]:
-        """Redis latency, live workers and the request group's lag and pending count."""
+        """Redis latency, live worker heartbeats and the request group's lag and pending
+        count; `{"error": ...}` when Redis does not answer within `timeout_s`."""
         runtime, keys = self._runtime, self._runtime.keys
         state: dict[str, Any] = {}
         try:
@@ -155,8 +155,8 @@ class HealthMonitor:
     async def report(self) -> dict[str, Any]:
         """A JSON-able report of every component (for humans and dashboards)."""
         runtime = self._runtime
-        checks = [*self.liveness(), *(await self.readiness())]
         cluster = await self.cluster_state(REPORT_REDIS_TIMEOUT_S)
+        checks = [*self.liveness(), *self._checks(cluster)]
         report: dict[str, Any] = {
             "status": "ok" if all(c.ok for c in checks) else "degraded",
             "stopping": runtime.stopping,

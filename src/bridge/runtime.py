@@ -75,9 +75,8 @@ class Runtime:
         self.tasks.append(BackgroundTask("health-monitor", self.monitor.run))
         self.stopping = False
         self._drained: asyncio.Task[int] | None = None
-        metrics.set_build_info(
-            "+".join(r for r, on in (("api", with_api), ("worker", with_worker)) if on)
-        )
+        roles = (("api", with_api), ("worker", with_worker))
+        metrics.set_build_info("+".join(role for role, on in roles if on))
 
     def _blocking_client(self, url: str, timeout: float) -> Redis:
         client = make_client(url, self.settings, socket_timeout=timeout)
@@ -131,6 +130,7 @@ class Runtime:
         self.begin_shutdown()
         if self._drained is not None:
             left = await self._drained
+            self._drained = None
             if left:
                 log.warning("shutdown_deadline_passed", generations_left_pending=left)
 

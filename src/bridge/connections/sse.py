@@ -52,8 +52,7 @@ def gap_frame(gap: Gap) -> bytes:
 
 
 def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[float]]:
-    """SSE frames of the envelopes this connection has not sent yet, and the producer
-    timestamps of the tokens among them (for delivery metrics)."""
+    """SSE frames of the envelopes not sent yet, and the producer timestamps of their tokens."""
     out = []
     token_ts = []
     for env in batch:
