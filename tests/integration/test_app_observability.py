@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +15,12 @@ from litestar.testing import AsyncTestClient
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from bridge import metrics
+from bridge import metrics, supervisor
 from bridge.app import create_app
 from bridge.redis_select import make_client
 from bridge.runtime import Runtime
 from bridge.settings import Settings
+from bridge.streams.fanout import FanoutReader
 from tests.redis_fixtures import free_port
 
 pytestmark = [
@@ -121,6 +124,29 @@ async def test_readiness_names_the_failing_checks_when_redis_is_gone(
     assert live.status_code == 200
     assert "bridge_ready 0.0" in scraped.text
     assert "bridge_consumer_group_lag NaN" in scraped.text
+
+
+async def test_readiness_names_a_crashed_background_task(
+    settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fan-out reader that crashed (and waits to restart) makes readiness 503, naming it."""
+    crashed = threading.Event()
+
+    async def crash(self: FanoutReader) -> None:
+        crashed.set()
+        raise RuntimeError("reader broke")
+
+    monkeypatch.setattr(FanoutReader, "run", crash)
+    monkeypatch.setattr(supervisor, "INITIAL_BACKOFF_S", 60.0)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        assert await asyncio.to_thread(crashed.wait, 10)
+        ready = await client.get("/health/ready")
+        report = (await client.get("/health")).json()
+    assert ready.status_code == 503
+    assert ready.json()["failing"] == ["fanout-reader"]
+    assert "RuntimeError: reader broke" in ready.json()["checks"]["fanout-reader"]["detail"]
+    assert report["status"] == "degraded"
+    assert report["tasks"]["fanout-reader"]["alive"] is False
 
 
 async def test_redis_commands_are_timed_and_failures_counted_by_command(
