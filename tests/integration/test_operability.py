@@ -76,8 +76,8 @@ def fleet(
         asyncio.run(_ready(api, worker))
         yield api, worker
     finally:
-        for process in (api, worker):
-            assert process.stop() == 0, process.log()
+        codes = [process.stop() for process in (api, worker)]
+    assert codes == [0, 0], api.log() + worker.log()
 
     async def clean() -> None:
         client = aioredis.Redis.from_url(redis_url)
