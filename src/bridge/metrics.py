@@ -10,8 +10,8 @@ Metrics that describe the fleet rather than the process (consumer-group lag, liv
 are read from Redis when scraped, so every process reports the same value: aggregate them
 with `max`, not `sum`.
 
-Hot paths use children bound once (`SSE`, `WEBSOCKET`, `REDIS`) so a token costs one counter
-increment and one histogram observation.
+Hot paths use label children bound once (`SSE`, `WEBSOCKET`, the per-command Redis timers)
+so a token costs one counter increment and one histogram observation.
 """
 
 from __future__ import annotations

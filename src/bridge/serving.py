@@ -13,7 +13,8 @@ own. So the first SIGTERM (or SIGINT) is taken here instead:
 3. then uvicorn stops as usual: generations still running are cancelled and stay pending
    in the consumer group, where another worker reclaims them.
 
-A second signal is uvicorn's own: SIGINT then forces the exit.
+A second signal is uvicorn's own: the listener closes at once (running generations still get
+their deadline), and a second SIGINT forces the exit.
 """
 
 from __future__ import annotations
