@@ -116,3 +116,4 @@ class CloseReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # this process is stopping; reconnect elsewhere
     REDIS_UNAVAILABLE = "redis_unavailable"  # Redis went away; reconnect to retry
     CLIENT_GONE = "client_gone"  # the client disconnected (never sent: it is gone)
+    STALLED = "stalled"  # no write completed for too long: the client stopped reading

@@ -5,59 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 
+from bridge import metrics
 from bridge.access import StreamTokens
 from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
+from bridge.health import HealthMonitor
 from bridge.providers.registry import ProviderRegistry
 from bridge.ratelimit import RateLimiter
 from bridge.redis_select import RedisChoice, make_client, select_redis
 from bridge.settings import Settings
 from bridge.streams.fanout import FanoutReader
 from bridge.streams.keys import Keys
+from bridge.supervisor import BackgroundTask
 from bridge.worker import Worker
 
 log = structlog.get_logger("bridge.runtime")
-
-
-class BackgroundTask:
-    """A long-running coroutine that is restarted with capped backoff if it crashes."""
-
-    def __init__(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.name = name
-        self._factory = factory
-        self.restarts = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name=self.name)
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._factory()
-                return
-            except Exception:
-                self.restarts += 1
-                log.exception("background_task_crashed", task=self.name, restarts=self.restarts)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class Runtime:
@@ -109,7 +77,12 @@ class Runtime:
                 providers=self.providers,
             )
             self.tasks.append(BackgroundTask("worker", self.worker.run))
+        self.monitor = HealthMonitor(self)
+        self.tasks.append(BackgroundTask("health-monitor", self.monitor.run))
         self.stopping = False
+        self._drained: asyncio.Task[int] | None = None
+        roles = (("api", with_api), ("worker", with_worker))
+        metrics.set_build_info("+".join(role for role, on in roles if on))
 
     def _blocking_client(self, url: str, timeout: float) -> Redis:
         client = make_client(url, self.settings, socket_timeout=timeout)
@@ -142,9 +115,34 @@ class Runtime:
             await redis.aclose()
             await choice.aclose()
 
-    async def _stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Stop taking work, at once: readiness fails, new generations and streams are
+        refused, open streams get a final `reconnect` event and close, and the worker (if
+        any) starts draining. Safe to call more than once."""
+        if self.stopping:
+            return
         self.stopping = True
-        self.manager.close_all(CloseReason.SHUTDOWN)
+        closed = self.manager.close_all(CloseReason.SHUTDOWN)
+        running = 0
+        if self.worker is not None:
+            running = self.worker.active
+            self._drained = asyncio.create_task(
+                self.worker.drain(self.settings.shutdown_timeout_s), name="worker-drain"
+            )
+        log.info("shutdown_started", connections_closed=closed, generations_running=running)
+
+    async def drained(self) -> None:
+        """Wait until the worker's running generations ended, or the shutdown deadline."""
+        self.begin_shutdown()
+        if self._drained is not None:
+            left = await self._drained
+            self._drained = None
+            if left:
+                log.warning("shutdown_deadline_passed", generations_left_pending=left)
+
+    async def _stop(self) -> None:
+        await self.drained()
+        self.manager.close_all(CloseReason.SHUTDOWN)  # any that opened meanwhile
         for task in reversed(self.tasks):
             await task.stop()
         if self.fanout is not None:

@@ -92,6 +92,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     log_format: str = "auto"
     log_level: str = "info"
+    log_prompts: bool = False
+
+    metrics_port: int | None = None
+    shutdown_timeout_s: float = 25.0
+    shutdown_delay_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -147,6 +152,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=reader.choice(
                 "BRIDGE_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            log_prompts=reader.flag("BRIDGE_LOG_PROMPTS", False),
+            metrics_port=reader.port("BRIDGE_METRICS_PORT"),
+            shutdown_timeout_s=reader.number("BRIDGE_SHUTDOWN_TIMEOUT_S", 25.0),
+            shutdown_delay_s=reader.number("BRIDGE_SHUTDOWN_DELAY_S", 2.0),
         )
         if settings.stream_maxlen < 100:
             raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
@@ -225,6 +234,25 @@ class _Reader:
 
     def items(self, name: str) -> tuple[str, ...]:
         return tuple(filter(None, (part.strip() for part in self._env.get(name, "").split(","))))
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = (self._env.get(name) or "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+    def port(self, name: str) -> int | None:
+        raw = self._env.get(name)
+        if not raw:
+            return None
+        value = self.integer(name, 0)
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"{name}={raw!r} is not a TCP port (1-65535)")
+        return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self._env.get(name) or default).lower()

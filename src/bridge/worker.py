@@ -21,8 +21,10 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.errors import Fenced, MalformedEntry, ProviderError
 from bridge.providers.base import Delta, ProviderRequest, Usage
+from bridge.providers.metered import metered
 from bridge.providers.registry import ProviderRegistry
 from bridge.ratelimit import RateLimiter, TokenMeter
 from bridge.settings import Settings
@@ -98,6 +100,8 @@ class Worker:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._capacity = asyncio.Event()
         self._capacity.set()
+        self._accepting = asyncio.Event()  # cleared by drain(): read no more requests
+        self._accepting.set()
         self.started_at = time.time()
         self.completed = 0
 
@@ -124,10 +128,28 @@ class Worker:
                 await self.queue.flush_acks()
                 await self._redis.zrem(self._keys.workers, self.name)
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting.is_set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests; wait up to `timeout_s` for the running generations to end.
+
+        Returns how many still run. Cancelling `run()` then leaves those pending in the
+        consumer group, and another worker reclaims them.
+        """
+        self._accepting.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._active and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._active.values()), timeout=left)
+        return len(self._active)
+
     async def _read_loop(self) -> None:
         backoff = 0.05
         while True:
             await self._capacity.wait()
+            await self._accepting.wait()
             try:
                 free = self._settings.worker_concurrency - len(self._active)
                 deliveries = await self.queue.read(free, block_ms=self._settings.fanout_block_ms)
@@ -147,7 +169,7 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 await self.queue.renew(self._active)
-                while len(self._active) < self._settings.worker_concurrency:
+                while self.accepting and len(self._active) < self._settings.worker_concurrency:
                     deliveries = await self.queue.reclaim()
                     for delivery in deliveries:
                         log.info(
@@ -155,6 +177,7 @@ class Worker:
                             entry=delivery.entry_id,
                             times_delivered=delivery.times_delivered,
                         )
+                        metrics.REQUESTS_RECLAIMED.inc()
                         self._start(delivery)
                     if self.queue.reclaim_scan_done:
                         break
@@ -196,8 +219,10 @@ class Worker:
                 self.queue.ack(delivery.entry_id)
         except Fenced as exc:
             log.warning("generation_fenced", error=str(exc))  # the new owner acknowledges
+            metrics.GENERATIONS.labels("taken_over").inc()
         except (RedisError, OSError) as exc:
             log.warning("generation_interrupted", error=str(exc))  # stays pending: reclaimed
+            metrics.GENERATIONS.labels("interrupted").inc()
 
     async def _generate(self, job: GenerationJob) -> bool:
         """Run one generation to its terminal event. False if it had already ended."""
@@ -224,6 +249,7 @@ class Worker:
         await writer.finish(kind, data)
         self.completed += 1
         log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
+        metrics.GENERATIONS.labels(kind.value).inc()
         return True
 
     async def _run_provider(
@@ -234,7 +260,13 @@ class Worker:
         try:
             provider, upstream = self._providers.resolve(job.model_id)
             request = ProviderRequest(upstream, job.messages, job.params)
-            stream = provider.stream(request)
+            first_ms = (job.created_ms or None) if writer.seq == 0 else None  # not after takeover
+            stream = metered(
+                provider.stream(request),
+                provider=provider.name,
+                model=job.model_id,
+                created_ms=first_ms,
+            )
             try:
                 async with asyncio.timeout(self._settings.generation_deadline_s):
                     async for item in stream:

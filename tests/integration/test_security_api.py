@@ -129,7 +129,7 @@ async def test_producer_routes_need_an_api_key(
     api: httpx.AsyncClient, server: BridgeProcess
 ) -> None:
     """chat/start without a key or with a wrong one is 401 (problem+json, WWW-Authenticate);
-    health and the OpenAPI document stay public."""
+    health, metrics and the OpenAPI document stay public."""
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as anonymous:
         missing = await start(anonymous, new_session())
         assert missing.status_code == 401
@@ -147,6 +147,7 @@ async def test_producer_routes_need_an_api_key(
         assert hostile.status_code == 401  # refused before the body is even parsed
         assert (await anonymous.get("/health/live")).status_code == 200
         assert (await anonymous.get("/schema/openapi.json")).status_code == 200
+        assert (await anonymous.get("/metrics")).status_code == 200
     assert (await start(api, new_session())).status_code == 202
 
 

@@ -7,8 +7,10 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
+import structlog
 from litestar import Controller, Request, post
 from litestar.exceptions import ServiceUnavailableException
+from msgspec import to_builtins
 
 from bridge.api.schemas import ChatStarted, StartChat
 from bridge.auth import principal
@@ -19,6 +21,8 @@ from bridge.settings import Settings
 from bridge.streams.codec import now_ms
 from bridge.streams.jobs import GenerationJob, enqueue
 from bridge.streams.keys import check_id
+
+log = structlog.get_logger("bridge.api")
 
 
 class ChatController(Controller):
@@ -50,7 +54,17 @@ class ChatController(Controller):
             created_ms=now_ms(),
             tenant=tenant,
         )
+        structlog.contextvars.bind_contextvars(session_id=session, request_id=job.request_id)
         await enqueue(runtime.redis, runtime.keys, runtime.settings, job)
+        # what users wrote is logged only when the operator opted in
+        text = {"messages": to_builtins(job.messages)} if runtime.settings.log_prompts else {}
+        log.info(
+            "generation_queued",
+            model=model,
+            message_count=len(job.messages),
+            prompt_chars=sum(len(m.content) for m in job.messages),
+            **text,
+        )
         token = runtime.tokens.issue(session)
         return ChatStarted(
             connection_id=f"sse_{int(time.time() * 1000)}_{uuid.uuid4().hex[:6]}",

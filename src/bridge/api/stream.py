@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
+import structlog
 from litestar import Request, get
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, QueryParameter
+from litestar.response.base import ASGIResponse
 
+from bridge.api.observability import STREAMING
 from bridge.auth import bearer
-from bridge.connections.sse import SSEResponse
+from bridge.connections.sse import SSE_HEADERS, SSEResponse, control_frame
+from bridge.errors import CloseReason
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
 from bridge.streams.history import replay
@@ -28,30 +32,33 @@ def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> st
     media_type="text/event-stream",
     summary="Stream a session's events (Server-Sent Events)",
     tags=["chat"],
-    opt={"auth": "stream_token"},
+    opt={"auth": "stream_token", STREAMING: True},
 )
 async def sse_stream(
     session_id: str,
     request: Request[Any, Any, Any],
     runtime: Runtime,
     token: str | None = None,
-    last_event_id: str | None = Parameter(query="last_event_id", default=None),
-    last_event_id_header: str | None = Parameter(header="Last-Event-ID", default=None),
-) -> SSEResponse:
+    last_event_id: Annotated[str | None, QueryParameter(name="last_event_id")] = None,
+    last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
+) -> ASGIResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
     The cursor comes from the `Last-Event-ID` header (EventSource sends it on reconnect) or
     the `last_event_id` query parameter. Without one, the whole retained stream is replayed.
+    A process that is shutting down answers with only a `reconnect` event: EventSource gives
+    up for good on an error status, but reconnects (elsewhere, by then) after a stream ends.
     """
     session = check_id("sessionId", session_id)
     runtime.tokens.verify(session, stream_token(request, token))
     cursor = parse_cursor(last_event_id_header or last_event_id or "")
     if runtime.stopping:
-        from litestar.exceptions import ServiceUnavailableException
-
-        raise ServiceUnavailableException("this process is shutting down")
+        return shutdown_stream(runtime.settings.sse_retry_ms)
     client = request.client
     sub = await runtime.manager.connect(session, cursor, address=client.host if client else None)
+    structlog.contextvars.bind_contextvars(session_id=session, connection_id=sub.id)
+    if runtime.stopping:  # shutdown began while connecting: end at once with `reconnect`
+        sub.close(CloseReason.SHUTDOWN)
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,
@@ -59,3 +66,10 @@ async def sse_stream(
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
     )
+
+
+def shutdown_stream(retry_ms: int) -> ASGIResponse:
+    """A complete SSE body telling the client to reconnect: this process is stopping."""
+    body = f"retry: {retry_ms}\n\n".encode()
+    body += control_frame("reconnect", {"reason": CloseReason.SHUTDOWN.value})
+    return ASGIResponse(body=body, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import structlog
 
+from bridge import metrics
 from bridge.errors import CloseReason, RateLimited
 from bridge.streams.codec import Cursor, EntryId, StreamEvent
 
@@ -59,6 +60,7 @@ class ConnectionManager:
         if address is not None:
             self._address_of[sub] = address
             self._per_address[address] = self._per_address.get(address, 0) + 1
+        metrics.transport_meter(transport).opened()
         try:
             await self._ensure_tracked(session)
         except BaseException:
@@ -74,9 +76,11 @@ class ConnectionManager:
             if left:
                 self._per_address[address] = left
         subs = self._sessions.get(sub.session)
-        if subs is None:
+        if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        reason = sub.closed.value if sub.closed is not None else "ended"
+        metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
             self._tracking.pop(sub.session, None)
@@ -120,6 +124,10 @@ class ConnectionManager:
                 CONNECTION_RETRY_S,
                 f"this address already has {self._max_per_address} open connections",
             )
+
+    def connections(self) -> list[Subscriber]:
+        """Every registered connection (a snapshot)."""
+        return [sub for subs in self._sessions.values() for sub in subs]
 
     @property
     def connection_count(self) -> int:

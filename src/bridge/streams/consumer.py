@@ -17,6 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from bridge import metrics
 from bridge.settings import Settings
 from bridge.streams.keys import Keys
 
@@ -153,3 +154,4 @@ class WorkQueue:
             pipe.xack(self._keys.requests, self._keys.worker_group, delivery.entry_id)
             await pipe.execute()
         log.warning("request_dead_lettered", entry=delivery.entry_id, reason=reason)
+        metrics.REQUESTS_DEAD_LETTERED.labels(reason).inc()
