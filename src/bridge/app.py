@@ -13,6 +13,7 @@ from bridge import __version__
 from bridge.api.chat import ChatController
 from bridge.api.health import HealthController
 from bridge.api.problems import EXCEPTION_HANDLERS
+from bridge.api.seed_routes import SEED_ROUTES
 from bridge.api.stream import sse_stream
 from bridge.runtime import Runtime
 from bridge.settings import Settings
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = True) ->
         return runtime
 
     app = Litestar(
-        route_handlers=[ChatController, sse_stream, HealthController],
+        route_handlers=[ChatController, sse_stream, HealthController, *SEED_ROUTES],
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],

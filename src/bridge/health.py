@@ -75,6 +75,8 @@ class HealthMonitor:
                 report["requests"] = await self._group_state()
         except (TimeoutError, RedisError, OSError) as exc:
             report["redis"]["error"] = type(exc).__name__
+        if runtime.batcher is not None:
+            report["batching"] = runtime.batcher.stats.report()
         if runtime.worker is not None:
             report["localWorker"] = {
                 "name": runtime.worker.name,

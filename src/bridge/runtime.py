@@ -12,13 +12,17 @@ import structlog
 from redis.asyncio import Redis
 
 from bridge.access import StreamTokens
+from bridge.batching.batcher import Batcher
 from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.providers.registry import ProviderRegistry
 from bridge.redis_select import RedisChoice, make_client, select_redis
+from bridge.seeds import seed_streams, worker_modes
 from bridge.settings import Settings
+from bridge.streams.cancel import CancelWatch
 from bridge.streams.fanout import FanoutReader
 from bridge.streams.keys import Keys
+from bridge.streams.seed_requests import SeedRequestDecoder
 from bridge.worker import Worker
 
 log = structlog.get_logger("bridge.runtime")
@@ -94,15 +98,37 @@ class Runtime:
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
+        self.batcher: Batcher | None = None
+        self.seed_workers: list[Worker] = []
         if with_worker:
+            cancels = CancelWatch(redis, self.keys)
+            self.batcher = Batcher(settings)
+            modes = worker_modes(redis, self.keys, settings, cancels, self.batcher)
             self.worker = Worker(
                 redis=redis,
                 reader=self._blocking_client(choice.url, blocking_timeout),
                 keys=self.keys,
                 settings=settings,
                 providers=self.providers,
+                modes=modes,
             )
             self.tasks.append(BackgroundTask("worker", self.worker.run))
+            self.tasks.append(BackgroundTask("cancel-watch", cancels.watch))
+            self.tasks.append(BackgroundTask("batcher", self.batcher.run))
+            for kind, stream in seed_streams(settings):
+                seed_worker = Worker(
+                    redis=redis,
+                    reader=self._blocking_client(choice.url, blocking_timeout),
+                    keys=self.keys,
+                    settings=settings,
+                    providers=self.providers,
+                    name=f"{self.worker.name}-{kind}",
+                    modes=modes,
+                    stream=stream,
+                    decode=SeedRequestDecoder(kind, self.providers, settings),
+                )
+                self.seed_workers.append(seed_worker)
+                self.tasks.append(BackgroundTask(f"{kind}-worker", seed_worker.run))
         self.stopping = False
 
     def _blocking_client(self, url: str, timeout: float) -> Redis:

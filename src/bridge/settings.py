@@ -6,6 +6,7 @@ Every variable is documented in the README's configuration table; keep the two i
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping
 
 import msgspec
@@ -73,6 +74,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "auto"
     log_level: str = "info"
 
+    # the seed systems (docs/seeds.md)
+    job_model: str = "mock"
+    job_max_attempts: int = 3
+    job_result_ttl_s: int = 3600
+    job_max_batch: int = 100
+    seed_streams: bool = True
+    summary_stream: str = "summary_requests"
+    question_stream: str = "question_requests"
+    results_stream: str = "llm_results"
+    seed_model: str = "chatgpt"
+    batch_size: int = 4
+    batch_window_ms: float = 200.0
+    batch_concurrency: int = 1
+    batch_command: tuple[str, ...] = ()
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from `environ` (default: the process environment)."""
@@ -114,6 +130,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=reader.choice(
                 "BRIDGE_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            job_model=reader.text("BRIDGE_JOB_MODEL", "mock"),
+            job_max_attempts=max(1, reader.integer("BRIDGE_JOB_MAX_ATTEMPTS", 3)),
+            job_result_ttl_s=reader.integer("BRIDGE_JOB_RESULT_TTL_S", 3600),
+            job_max_batch=reader.integer("BRIDGE_JOB_MAX_BATCH", 100),
+            seed_streams=reader.flag("BRIDGE_SEED_STREAMS", True),
+            summary_stream=reader.text("BRIDGE_SUMMARY_STREAM", "summary_requests"),
+            question_stream=reader.text("BRIDGE_QUESTION_STREAM", "question_requests"),
+            results_stream=reader.text("BRIDGE_RESULTS_STREAM", "llm_results"),
+            seed_model=reader.text("BRIDGE_SEED_MODEL", "chatgpt"),
+            batch_size=max(1, reader.integer("BRIDGE_BATCH_SIZE", 4)),
+            batch_window_ms=reader.number("BRIDGE_BATCH_WINDOW_MS", 200.0),
+            batch_concurrency=max(1, reader.integer("BRIDGE_BATCH_CONCURRENCY", 1)),
+            batch_command=tuple(shlex.split(env.get("BRIDGE_BATCH_COMMAND") or "")),
         )
         if settings.stream_maxlen < 100:
             raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
@@ -183,6 +212,16 @@ class _Reader:
         if not value >= 0:  # also rejects NaN
             raise ConfigError(f"{name}={raw!r} must not be negative")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = (self._env.get(name) or "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (on/off)")
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self._env.get(name) or default).lower()

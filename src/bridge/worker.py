@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge.errors import Fenced, MalformedEntry, ProviderError
+from bridge.modes import Modes
 from bridge.providers.base import Delta, ProviderRequest, Usage
 from bridge.providers.registry import ProviderRegistry
 from bridge.settings import Settings
@@ -84,13 +86,19 @@ class Worker:
         settings: Settings,
         providers: ProviderRegistry,
         name: str | None = None,
+        modes: Modes | None = None,
+        stream: str | None = None,
+        decode: Callable[[Delivery], GenerationJob] | None = None,
     ) -> None:
         self.name = name or worker_name()
         self._redis = redis
         self._keys = keys
         self._settings = settings
         self._providers = providers
-        self.queue = WorkQueue(redis, reader, keys, settings, self.name)
+        # `stream` and `decode`: serve another request stream (seed 000) with this same loop
+        self.queue = WorkQueue(redis, reader, keys, settings, self.name, stream=stream)
+        self._decode = decode or (lambda delivery: decode_job(delivery.fields))
+        self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._active: dict[str, asyncio.Task[None]] = {}
@@ -180,7 +188,7 @@ class Worker:
 
     async def _serve(self, delivery: Delivery) -> None:
         try:
-            job = decode_job(delivery.fields)
+            job = self._decode(delivery)
         except MalformedEntry as exc:
             log.warning("malformed_request_skipped", entry=delivery.entry_id, error=str(exc))
             await self.queue.dead_letter(delivery, "malformed")
@@ -191,6 +199,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(request_id=job.request_id, session_id=job.session_id)
         try:
             if await self._generate(job):
+                await self._modes.settled(job)
                 self.queue.ack(delivery.entry_id)
         except Fenced as exc:
             log.warning("generation_fenced", error=str(exc))  # the new owner acknowledges
@@ -216,7 +225,7 @@ class Worker:
         if last_seq > 0:
             # Taken over from a worker that died: the answer restarts, visibly.
             await writer.seam({"mode": "restart", "discardedTokens": earlier_tokens})
-        kind, data = await self._run_provider(job, writer)
+        kind, data = await self._modes.run(job, writer, self._run_provider)
         await writer.finish(kind, data)
         self.completed += 1
         log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
@@ -282,4 +291,5 @@ class Worker:
                     "message": f"the request failed {delivery.times_delivered - 1} times",
                 },
             )
+        await self._modes.settled(job)
         await self.queue.dead_letter(delivery, "max_deliveries")

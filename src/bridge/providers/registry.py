@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from bridge.errors import ConfigError, UnknownModel
+from bridge.errors import BadRequest, ConfigError, UnknownModel
 from bridge.providers.base import Provider
 from bridge.providers.mock import MockProvider
 from bridge.providers.openai import OpenAIProvider
@@ -81,6 +81,24 @@ class ProviderRegistry:
         except KeyError:
             raise UnknownModel(model_id, self.known_models) from None
         return self._providers[provider_name], upstream
+
+    def alias_for(self, provider: str, model: str) -> str:
+        """The public model name that `provider` serves as `model` (seed 001's templates).
+
+        `model` may be a public name routed to `provider`, or the upstream name of one. Only
+        configured routes are reachable, so a client cannot pick an arbitrary upstream model.
+        """
+        in_use = sorted({name for name, _ in self._routes.values()})
+        if provider not in in_use:
+            raise BadRequest(f"unknown provider {provider!r}; known providers: {', '.join(in_use)}")
+        route = self._routes.get(model)
+        if route is not None and route[0] == provider:
+            return model
+        for alias, (name, upstream) in self._routes.items():
+            if name == provider and upstream == model:
+                return alias
+        served = tuple(alias for alias, (name, _) in self._routes.items() if name == provider)
+        raise UnknownModel(model, served)
 
     async def aclose(self) -> None:
         """Close every provider, even when closing one of them fails."""
