@@ -23,12 +23,6 @@ MESSAGE_TYPES = ("add", "listen", "cancel")
 QUERY = "{query}"
 
 
-class StreamSettings(GenerationParams, frozen=True, kw_only=True, rename=None):
-    """A template stream's `settings`: the model, and sampling options in snake_case."""
-
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-
-
 class TemplateStream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One stream of an assistant: a provider, its settings, and the message template.
 
@@ -37,7 +31,7 @@ class TemplateStream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     provider: str
-    settings: StreamSettings
+    settings: dict[str, Any]
     messages: Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
 
 
@@ -79,20 +73,30 @@ _SHAPES: dict[str, type[AddRequest] | type[ListenRequest] | type[CancelRequest]]
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 
 
+class InvalidMessage(BadRequest):
+    """A client message that cannot be served; `about` names the request or job it was for."""
+
+    def __init__(self, detail: str, about: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.about = about or {}
+
+
 def parse_message(text: str | bytes) -> ClientMessage:
-    """Decode one client message; BadRequest says what is wrong with it."""
+    """Decode one client message; InvalidMessage says what is wrong with it."""
     try:
         raw = _decode_object(text)
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"the message is not a JSON object: {exc}") from None
+        raise InvalidMessage(f"the message is not a JSON object: {exc}") from None
     kind = raw.get("type")
     shape = _SHAPES.get(kind) if isinstance(kind, str) else None
     if shape is None:
-        raise BadRequest(f"unknown message type {kind!r}; known types: {', '.join(MESSAGE_TYPES)}")
+        known = ", ".join(MESSAGE_TYPES)
+        raise InvalidMessage(f"unknown message type {kind!r}; known types: {known}")
     try:
         return msgspec.convert(raw, shape)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid {kind!r} message: {exc}") from None
+        about = {name: raw[name] for name in ("id", "job_id") if isinstance(raw.get(name), str)}
+        raise InvalidMessage(f"invalid {kind!r} message: {exc}", about) from None
 
 
 def render(template: list[dict[str, Any]], query: str, history: list[ChatMessage]) -> list[Message]:
@@ -112,6 +116,27 @@ def render(template: list[dict[str, Any]], query: str, history: list[ChatMessage
     return messages
 
 
+def stream_settings(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A stream's model name, and its other settings validated as provider params.
+
+    Settings are OpenAI's snake_case names (`max_tokens`); camelCase is accepted too.
+    """
+    model = settings.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("a stream's settings need a `model`")
+    options = {_camel(name): value for name, value in settings.items() if name != "model"}
+    try:
+        params = msgspec.convert(options, GenerationParams)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid stream settings: {exc}") from None
+    return model, params.for_provider()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
 def build_job(
     add: AddRequest,
     job_id: str,
@@ -123,11 +148,9 @@ def build_job(
     """The generation an `add` asks for: its first stream, with the others as fallbacks."""
     steps = []
     for stream in add.assistant.streams:
-        model = providers.alias_for(stream.provider, stream.settings.model)
+        name, params = stream_settings(stream.settings)
+        model = providers.alias_for(stream.provider, name)
         messages = check_messages(render(stream.messages, add.query, add.history), settings)
-        params = {
-            name: value for name, value in stream.settings.for_provider().items() if name != "model"
-        }
         steps.append(Fallback(model, messages, params))
     first, *rest = steps
     return GenerationJob(

@@ -15,9 +15,10 @@ import uuid
 from functools import partial
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Request, get, post
 from litestar.exceptions import ServiceUnavailableException
 from litestar.params import Parameter
+from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
 from redis.exceptions import RedisError
 
@@ -112,10 +113,10 @@ async def generate(
     request: Request[Any, Any, Any],
     runtime: Runtime,
     context: str = Parameter(query="context", min_length=1),
-) -> Response[bytes] | GenerateResponse:
+) -> ASGIResponse:
     """Queue a task and stream its answer; see the module docstring for the lifecycle."""
     if request.headers.get("last-event-id") is not None:
-        return Response(b"", status_code=204)
+        return ASGIResponse(status_code=204, body=b"")
     if runtime.stopping:
         raise ServiceUnavailableException("this process is shutting down")
     limit = runtime.settings.max_prompt_chars

@@ -29,7 +29,14 @@ from bridge.streams.cancel import request_cancel
 from bridge.streams.codec import EventType, format_cursor, now_ms, parse_cursor
 from bridge.streams.history import Gap, replay
 from bridge.streams.jobs import enqueue
-from bridge.ws_protocol import AddRequest, CancelRequest, ListenRequest, build_job, parse_message
+from bridge.ws_protocol import (
+    AddRequest,
+    CancelRequest,
+    InvalidMessage,
+    ListenRequest,
+    build_job,
+    parse_message,
+)
 
 log = structlog.get_logger("bridge.ws")
 
@@ -106,8 +113,10 @@ class WSConnection:
             return
         try:
             message = parse_message(payload)
-        except BadRequest as exc:
-            await self.send({"type": "error", "message": exc.detail})
+        except InvalidMessage as exc:
+            # about a request or job the client named: `failed`; about nothing known: `error`
+            kind = "failed" if exc.about else "error"
+            await self.send({"type": kind, **exc.about, "message": exc.detail})
             return
         try:
             if isinstance(message, AddRequest):
