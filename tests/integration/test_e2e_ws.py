@@ -106,10 +106,12 @@ async def test_braces_in_the_query_stay_literal(seed_server: SeedServer) -> None
     query = "{history} {0} {query} {{x}} {__class__}"
     add = json.loads(json.dumps(SEED_ADD))
     add["query"] = query
-    async with FakeUpstream(port=seed_server.upstream_port, tokens=2) as upstream:
-        async with websockets.connect(seed_server.ws_url) as ws:
-            await ws.send(json.dumps(add))
-            await recv_until(ws, {"done", "failed"})
+    async with (
+        FakeUpstream(port=seed_server.upstream_port, tokens=2) as upstream,
+        websockets.connect(seed_server.ws_url) as ws,
+    ):
+        await ws.send(json.dumps(add))
+        await recv_until(ws, {"done", "failed"})
     assert upstream.requests[0].body["messages"][-1] == {"role": "user", "content": query}
 
 
