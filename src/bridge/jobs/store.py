@@ -18,7 +18,9 @@ from redis.asyncio import Redis
 
 from bridge.errors import BadRequest
 from bridge.jobs.schema import structured_messages
+from bridge.jobs.structured import outcome_fields
 from bridge.settings import Settings
+from bridge.streams.answers import generation_events, terminal_event
 from bridge.streams.cancel import request_cancel
 from bridge.streams.codec import now_ms
 from bridge.streams.jobs import GenerationJob, enqueue
@@ -136,10 +138,11 @@ class JobStore:
         if not record:
             raise JobNotFound(job_id)
         fields = {k.decode(): v.decode() for k, v in record.items()}
-        status = fields.get("status")
-        if status is None:  # not settled yet: from the generation (ended = being settled)
-            state = generation.decode() if generation is not None else "queued"
-            status = _RUNNING.get(state, "in_progress")
+        state = generation.decode() if generation is not None else "queued"
+        if "status" not in fields and state in _TERMINAL:
+            # ended but not settled yet: the terminal event says what `settled` will store
+            fields.update(await self._outcome(job_id, fields.get("model", "")))
+        status = fields.get("status") or _RUNNING.get(state, "in_progress")
         attempts = fields.get("attempts")
         return JobStatus(
             job_id=job_id,
@@ -149,12 +152,22 @@ class JobStore:
             error=fields.get("error"),
         )
 
+    async def _outcome(self, job_id: str, model: str) -> dict[str, str]:
+        job = GenerationJob(job_id, session_of(job_id), model, ())
+        event = terminal_event(await generation_events(self._redis, self._keys, job))
+        return outcome_fields(event) if event is not None else {}
+
     async def result(self, job_id: str) -> Any:
         """The validated result; 404 until the job completed (the detail names the status)."""
         raw: Any = await self._redis.hget(self._keys.job(job_id), "result")
         if raw is not None:
             return msgspec.json.decode(raw)
         status = await self.status(job_id)
+        if status.status == "completed":  # not settled yet
+            model: Any = await self._redis.hget(self._keys.job(job_id), "model")
+            outcome = await self._outcome(job_id, model.decode() if model else "")
+            if "result" in outcome:
+                return msgspec.json.decode(outcome["result"])
         reason = f" ({status.error})" if status.error else ""
         raise BadRequest(f"no result: status={status.status}{reason}", status_code=404)
 

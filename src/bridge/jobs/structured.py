@@ -35,6 +35,21 @@ FINAL_STATUS = {
 }
 
 
+def outcome_fields(event: StreamEvent) -> dict[str, str]:
+    """The job-hash fields a terminal event settles: status, and result or error."""
+    data = event.data or {}
+    fields = {"status": FINAL_STATUS[event.type]}
+    if event.type is EventType.COMPLETE:
+        fields["result"] = _json.encode(data.get("result")).decode()
+        fields["stage"] = "done"
+    elif event.type is EventType.ERROR:
+        fields["error"] = str(data.get("message", "the job failed"))
+        fields["error_code"] = str(data.get("code", "error"))
+    if "attempts" in data:
+        fields["attempts"] = str(data["attempts"])
+    return fields
+
+
 class StructuredMode:
     """Runs job-API jobs; `settled` copies the outcome into the job's hash for its TTL."""
 
@@ -90,16 +105,7 @@ class StructuredMode:
         if event is None:
             log.warning("job_terminal_missing", job_id=job.request_id)
             return
-        data = event.data or {}
-        fields: dict[Any, Any] = {"status": FINAL_STATUS[event.type]}
-        if event.type is EventType.COMPLETE:
-            fields["result"] = _json.encode(data.get("result"))
-            fields["stage"] = "done"
-        elif event.type is EventType.ERROR:
-            fields["error"] = str(data.get("message", "the job failed"))
-            fields["error_code"] = str(data.get("code", "error"))
-        if "attempts" in data:
-            fields["attempts"] = int(data["attempts"])
+        fields: dict[Any, Any] = outcome_fields(event)
         key = self._keys.job(job.request_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)
