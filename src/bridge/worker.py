@@ -96,7 +96,10 @@ class Worker:
         self._settings = settings
         self._providers = providers
         # `stream` and `decode`: serve another request stream (seed 000) with this same loop
-        self.queue = WorkQueue(redis, reader, keys, settings, self.name, stream=stream)
+        dead_letters = f"{stream}:dead" if stream else None
+        self.queue = WorkQueue(
+            redis, reader, keys, settings, self.name, stream=stream, dead_letters=dead_letters
+        )
         self._decode = decode or (lambda delivery: decode_job(delivery.fields))
         self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
