@@ -55,6 +55,7 @@ class CancelWatch:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._requested: set[str] = set()
         self.subscribed = False
+        self.ready = asyncio.Event()  # set once the first subscription is in place
 
     async def requested(self, request_id: str) -> bool:
         """Whether a cancel of `request_id` was asked for (checked before it starts)."""
@@ -94,6 +95,7 @@ class CancelWatch:
             try:
                 await pubsub.subscribe(self._keys.cancel_channel)
                 self.subscribed = True
+                self.ready.set()
                 await self._recheck()
                 backoff = 0.05
                 while True:
