@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import msgspec
 
 from bridge.errors import ConfigError
+from bridge.provider_catalog import PROVIDERS, SEED_ALIASES, Endpoint, endpoints_from
 
 #: Seed 000's aliases; `gpt-4` is the model seed 002 uses in its examples.
 DEFAULT_MODELS = (
@@ -64,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     provider_connect_timeout_s: float = 10.0
     provider_read_timeout_s: float = 60.0
     models: tuple[ModelRoute, ...] = ()
+    endpoints: dict[str, Endpoint] = {}  # catalog providers (provider_catalog), keys from env
 
     mock_tokens: int = 24
     mock_delay_ms: float = 20.0
@@ -121,7 +123,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             openai_api_key=openai_api_key,
             provider_connect_timeout_s=reader.number("BRIDGE_PROVIDER_CONNECT_TIMEOUT_S", 10.0),
             provider_read_timeout_s=reader.number("BRIDGE_PROVIDER_READ_TIMEOUT_S", 60.0),
-            models=parse_models(env.get("BRIDGE_MODELS") or DEFAULT_MODELS),
+            models=parse_models(env["BRIDGE_MODELS"])
+            if env.get("BRIDGE_MODELS")
+            else default_routes(env),
+            endpoints=endpoints_from(env),
             mock_tokens=reader.integer("BRIDGE_MOCK_TOKENS", 24),
             mock_delay_ms=reader.number("BRIDGE_MOCK_DELAY_MS", 20.0),
             stream_secret=env.get("BRIDGE_STREAM_SECRET") or None,
@@ -169,7 +174,7 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
             raise ConfigError(f"BRIDGE_MODELS entry {item!r} is not alias=[provider:]model")
         provider: str | None = None
         head, colon, rest = target.partition(":")
-        if colon and head in ("mock", "openai"):
+        if colon and (head == "mock" or head in PROVIDERS):
             provider, target = head, rest
         if alias in seen:
             raise ConfigError(f"BRIDGE_MODELS names {alias!r} twice")
@@ -177,6 +182,18 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
         routes.append(ModelRoute(alias=alias, provider=provider, upstream=target))
     if not routes:
         raise ConfigError("BRIDGE_MODELS names no model")
+    return tuple(routes)
+
+
+def default_routes(env: Mapping[str, str]) -> tuple[ModelRoute, ...]:
+    """DEFAULT_MODELS, with each seed-000 alias sent to its own provider when that provider's
+    API key is in the environment (`claude` to Anthropic with ANTHROPIC_API_KEY, ...)."""
+    routes = []
+    for route in parse_models(DEFAULT_MODELS):
+        home = SEED_ALIASES.get(route.alias)
+        if home is not None and env.get(f"{home[0].upper()}_API_KEY"):
+            route = ModelRoute(alias=route.alias, provider=home[0], upstream=home[1])
+        routes.append(route)
     return tuple(routes)
 
 
