@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from litestar import Litestar
+import structlog
+from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from bridge import __version__
@@ -15,16 +18,27 @@ from bridge.api.health import HealthController
 from bridge.api.problems import EXCEPTION_HANDLERS
 from bridge.api.seed_routes import SEED_ROUTES
 from bridge.api.stream import sse_stream
+from bridge.auth import ApiKeys
+from bridge.client_limits import HeaderSizeLimit
 from bridge.runtime import Runtime
 from bridge.settings import Settings
+
+log = structlog.get_logger("bridge.app")
 
 
 def create_app(settings: Settings | None = None, *, with_worker: bool = True) -> Litestar:
     """Build the app; the runtime (Redis, fan-out reader, worker) starts with its lifespan."""
     settings = settings or Settings.from_env()
+    api_keys = ApiKeys(settings.api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if not api_keys.enabled:
+            log.warning(
+                "running_open_without_api_keys",
+                detail="BRIDGE_API_KEYS is not set: anyone who reaches this service may start "
+                "generations. Configure API keys (see `bridge hash-key`) before exposing it.",
+            )
         async with Runtime.running(settings, with_worker=with_worker) as runtime:
             app.state.runtime = runtime
             yield
@@ -38,7 +52,17 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = True) ->
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
+        guards=[api_keys.guard],
+        middleware=[DefineMiddleware(HeaderSizeLimit, max_bytes=settings.max_header_bytes)],
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins))
+        if settings.cors_origins
+        else None,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="bridge", version=__version__, path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="bridge",
+            version=__version__,
+            path="/schema",
+            openapi_router=Router("/schema", route_handlers=[], opt={"auth": "public"}),
+        ),
     )
     return app

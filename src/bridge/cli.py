@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bridge` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        return hash_key_command(args.tenant, generate=args.generate)
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_format, settings.log_level)
@@ -56,6 +58,9 @@ def serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        # bound what uvicorn buffers before the app's own, precise limits apply
+        h11_max_incomplete_event_size=max(2 * settings.max_header_bytes, 16 * 1024),
+        ws_max_size=max(settings.ws_max_message_bytes, 1024),
     )
     server = uvicorn.Server(config)
     server.run()
@@ -77,6 +82,39 @@ async def run_worker(settings: Settings) -> int:
     return 0
 
 
+def hash_key_command(tenant: str | None, *, generate: bool) -> int:
+    """Print the BRIDGE_API_KEYS entry of a key read from stdin (or of a new one).
+
+    The key is read from stdin, never from the command line, so it stays out of shell
+    history and process listings.
+    """
+    from bridge.auth import generate_key, hash_key, parse_api_keys
+
+    if generate:
+        key = generate_key()
+        print(f"key: {key}", file=sys.stderr)
+    else:
+        if sys.stdin.isatty():
+            import getpass
+
+            key = getpass.getpass("API key: ")
+        else:
+            key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("bridge: no key on stdin", file=sys.stderr)
+            return 2
+    entry = hash_key(key)
+    if tenant:
+        entry = f"{tenant}:{entry}"
+        try:
+            parse_api_keys(entry)
+        except BridgeError as exc:
+            print(f"bridge: {exc}", file=sys.stderr)
+            return 2
+    print(entry)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--no-worker", action="store_true", help="API only, no generations")
     commands.add_parser("worker", help="run generation workers only")
+    hash_cmd = commands.add_parser(
+        "hash-key", help="print the BRIDGE_API_KEYS entry for an API key read from stdin"
+    )
+    hash_cmd.add_argument("--tenant", help="prefix the hash with tenant: (a ready entry)")
+    hash_cmd.add_argument(
+        "--generate", action="store_true", help="make a new key (printed to stderr) instead"
+    )
     chat = commands.add_parser("chat", help="start a chat and print tokens as they arrive")
     chat.add_argument("prompt", nargs="?", help="the prompt (omit with --resume)")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the bridge server")

@@ -16,6 +16,7 @@ from bridge.batching.batcher import Batcher
 from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter
 from bridge.redis_select import RedisChoice, make_client, select_redis
 from bridge.seeds import seed_streams, worker_modes
 from bridge.settings import Settings
@@ -82,7 +83,12 @@ class Runtime:
         self.redis = redis
         self.tokens = tokens
         self.providers = ProviderRegistry.from_settings(settings)
-        self.manager = ConnectionManager(queue_size=settings.send_queue_size)
+        self.limits = RateLimiter(redis, self.keys, settings)
+        self.manager = ConnectionManager(
+            queue_size=settings.send_queue_size,
+            max_per_session=settings.max_sse_per_session,
+            max_per_address=settings.max_sse_per_address,
+        )
         blocking_timeout = settings.fanout_block_ms / 1000 + settings.redis_timeout_s
         self._blocking_clients: list[Redis] = []
         self.fanout: FanoutReader | None = None

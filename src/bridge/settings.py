@@ -6,11 +6,13 @@ Every variable is documented in the README's configuration table; keep the two i
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping
 
 import msgspec
 
+from bridge.auth import ApiKeyEntry, parse_api_keys
 from bridge.errors import ConfigError
 from bridge.provider_catalog import PROVIDERS, SEED_ALIASES, Endpoint, endpoints_from
 
@@ -24,6 +26,9 @@ DEFAULT_MODELS = (
     "gpt-4=gpt-4,"
     "mock=mock:mock"
 )
+
+
+_ALIAS_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class ModelRoute(msgspec.Struct, frozen=True):
@@ -65,13 +70,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     provider_connect_timeout_s: float = 10.0
     provider_read_timeout_s: float = 60.0
     models: tuple[ModelRoute, ...] = ()
-    endpoints: dict[str, Endpoint] = {}  # catalog providers (provider_catalog), keys from env
+    # the catalog providers' endpoints and keys (bridge.provider_catalog)
+    endpoints: dict[str, Endpoint] = msgspec.field(default_factory=lambda: endpoints_from({}))
 
     mock_tokens: int = 24
     mock_delay_ms: float = 20.0
 
     stream_secret: str | None = None
     stream_token_ttl_s: int = 86_400
+
+    # security: producers' API keys, fleet-wide rate limits (0 = off), per-client limits
+    api_keys: tuple[ApiKeyEntry, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    rate_key_rpm: int = 0
+    rate_key_tpm: int = 0
+    rate_session_rpm: int = 120
+    rate_session_tpm: int = 0
+    max_generations_per_session: int = 8
+    max_sse_per_session: int = 64
+    max_sse_per_address: int = 1000
+    max_header_bytes: int = 16 * 1024
+    ws_max_message_bytes: int = 64 * 1024
+    ws_messages_per_s: float = 20.0
+    ws_message_burst: int = 40
 
     log_format: str = "auto"
     log_level: str = "info"
@@ -131,6 +152,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             mock_delay_ms=reader.number("BRIDGE_MOCK_DELAY_MS", 20.0),
             stream_secret=env.get("BRIDGE_STREAM_SECRET") or None,
             stream_token_ttl_s=reader.integer("BRIDGE_STREAM_TOKEN_TTL_S", 86_400),
+            api_keys=parse_api_keys(env.get("BRIDGE_API_KEYS") or ""),
+            cors_origins=reader.items("BRIDGE_CORS_ORIGINS"),
+            rate_key_rpm=reader.integer("BRIDGE_RATE_KEY_RPM", 0),
+            rate_key_tpm=reader.integer("BRIDGE_RATE_KEY_TPM", 0),
+            rate_session_rpm=reader.integer("BRIDGE_RATE_SESSION_RPM", 120),
+            rate_session_tpm=reader.integer("BRIDGE_RATE_SESSION_TPM", 0),
+            max_generations_per_session=reader.integer("BRIDGE_MAX_GENERATIONS_PER_SESSION", 8),
+            max_sse_per_session=reader.integer("BRIDGE_MAX_SSE_PER_SESSION", 64),
+            max_sse_per_address=reader.integer("BRIDGE_MAX_SSE_PER_ADDRESS", 1000),
+            max_header_bytes=reader.integer("BRIDGE_MAX_HEADER_BYTES", 16 * 1024),
+            ws_max_message_bytes=reader.integer("BRIDGE_WS_MAX_MESSAGE_BYTES", 64 * 1024),
+            ws_messages_per_s=reader.number("BRIDGE_WS_MESSAGES_PER_S", 20.0),
+            ws_message_burst=reader.integer("BRIDGE_WS_MESSAGE_BURST", 40),
             log_format=reader.choice("BRIDGE_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
                 "BRIDGE_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
@@ -172,10 +206,16 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
         alias, target = alias.strip(), target.strip()
         if not sep or not alias or not target:
             raise ConfigError(f"BRIDGE_MODELS entry {item!r} is not alias=[provider:]model")
+        if not _ALIAS_RE.fullmatch(alias) or alias in (".", ".."):
+            raise ConfigError(
+                f"BRIDGE_MODELS alias {alias!r} is not a valid model id ([A-Za-z0-9_.-]{{1,128}})"
+            )
         provider: str | None = None
         head, colon, rest = target.partition(":")
         if colon and (head == "mock" or head in PROVIDERS):
-            provider, target = head, rest
+            provider, target = head, rest.strip()
+            if not target:
+                raise ConfigError(f"BRIDGE_MODELS entry {item!r} names no model after {head}:")
         if alias in seen:
             raise ConfigError(f"BRIDGE_MODELS names {alias!r} twice")
         seen.add(alias)
@@ -239,6 +279,9 @@ class _Reader:
         if raw in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}={raw!r} is not a boolean (on/off)")
+
+    def items(self, name: str) -> tuple[str, ...]:
+        return tuple(filter(None, (part.strip() for part in self._env.get(name, "").split(","))))
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self._env.get(name) or default).lower()

@@ -26,6 +26,7 @@ from bridge.errors import Fenced, MalformedEntry, ProviderError
 from bridge.modes import Modes
 from bridge.providers.base import Delta, ProviderRequest, Usage
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter, TokenMeter
 from bridge.settings import Settings
 from bridge.streams.codec import EventType
 from bridge.streams.consumer import Delivery, WorkQueue
@@ -104,6 +105,7 @@ class Worker:
         self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
         self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._limits = RateLimiter(redis, keys, settings)
         self._active: dict[str, asyncio.Task[None]] = {}
         self._capacity = asyncio.Event()
         self._capacity.set()
@@ -228,14 +230,17 @@ class Worker:
         if last_seq > 0:
             # Taken over from a worker that died: the answer restarts, visibly.
             await writer.seam({"mode": "restart", "discardedTokens": earlier_tokens})
-        kind, data = await self._modes.run(job, writer, self._run_provider)
+        meter = self._limits.meter(job.tenant, job.session_id)
+        run_provider = functools.partial(self._run_provider, meter=meter)
+        kind, data = await self._modes.run(job, writer, run_provider)
+        await meter.settle()  # before the terminal event: a client that saw it sees usage too
         await writer.finish(kind, data)
         self.completed += 1
         log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
         return True
 
     async def _run_provider(
-        self, job: GenerationJob, writer: GenerationWriter
+        self, job: GenerationJob, writer: GenerationWriter, meter: TokenMeter
     ) -> tuple[EventType, dict[str, Any]]:
         usage: Usage | None = None
         reason = "stop"
@@ -248,6 +253,8 @@ class Worker:
                     async for item in stream:
                         if isinstance(item, Delta):
                             if item.text:
+                                if not await meter.take():  # a tokens-per-minute limit
+                                    return EventType.ERROR, meter.exceeded()
                                 await writer.token(item.text)
                         else:
                             reason, usage = item.reason, item.usage

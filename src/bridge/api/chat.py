@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 from urllib.parse import quote
 
-from litestar import Controller, post
+from litestar import Controller, Request, post
 from litestar.exceptions import ServiceUnavailableException
 
 from bridge.api.schemas import ChatStarted, StartChat
+from bridge.auth import principal
 from bridge.errors import BadRequest
 from bridge.providers.base import Message
 from bridge.runtime import Runtime
@@ -26,20 +28,27 @@ class ChatController(Controller):
     tags = ["chat"]
 
     @post("/start", status_code=202, summary="Start a generation in a session")
-    async def start(self, data: StartChat, runtime: Runtime) -> ChatStarted:
+    async def start(
+        self, data: StartChat, runtime: Runtime, request: Request[Any, Any, Any]
+    ) -> ChatStarted:
         """Queue a generation; read it at `streamUrl` (hand it to EventSource as it is)."""
         if runtime.stopping:
             raise ServiceUnavailableException("this process is shutting down")
         session = check_id("sessionId", data.session_id)
         model = check_id("modelId", data.model_id)
         runtime.providers.resolve(model)  # unknown model: 400 naming the known ones
+        messages = build_messages(data, runtime.settings)
+        tenant = principal(request)
+        request_id = uuid.uuid4().hex
+        await runtime.limits.admit_generation(tenant, session, request_id)
         job = GenerationJob(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             session_id=session,
             model_id=model,
-            messages=build_messages(data, runtime.settings),
+            messages=messages,
             params=data.params.for_provider() if data.params else {},
             created_ms=now_ms(),
+            tenant=tenant,
         )
         await enqueue(runtime.redis, runtime.keys, runtime.settings, job)
         token = runtime.tokens.issue(session)

@@ -22,6 +22,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
 from redis.exceptions import RedisError
 
+from bridge.auth import principal
 from bridge.connections.sse import SSEResponse, control_frame, encode_batch, gap_frame
 from bridge.connections.subscriber import Closed, Subscriber
 from bridge.errors import BadRequest, CloseReason
@@ -99,6 +100,10 @@ class GenerateResponse(SSEResponse):
         return self._ended
 
 
+def _address(connection: Request[Any, Any, Any]) -> str | None:
+    return connection.client.host if connection.client else None
+
+
 async def _body(send: Send, chunk: bytes) -> None:
     await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
@@ -126,8 +131,10 @@ async def generate(
         )
     task_id = uuid.uuid4().hex
     session = session_of(task_id)
+    tenant = principal(request)
+    await runtime.limits.admit_generation(tenant, session, task_id)
     # listen first, then enqueue: not one event can pass before the subscription
-    sub = await runtime.manager.connect(session, {})
+    sub = await runtime.manager.connect(session, {}, address=_address(request))
     try:
         job = GenerationJob(
             request_id=task_id,
@@ -136,6 +143,7 @@ async def generate(
             messages=(Message("user", context),),
             created_ms=now_ms(),
             mode="batch",
+            tenant=tenant,
         )
         await enqueue(runtime.redis, runtime.keys, runtime.settings, job)
     except BaseException:

@@ -15,6 +15,7 @@ class HealthController(Controller):
 
     path = "/health"
     tags = ["health"]
+    opt = {"auth": "public"}
 
     @get("/live", summary="The process and its event loop answer")
     async def live(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.params import Parameter
 
 from bridge.api.schemas import GenerationParams, Id
+from bridge.auth import principal
 from bridge.connections.sse import SSEResponse
 from bridge.errors import BadRequest
 from bridge.jobs.store import JobStatus, JobStore, session_of
@@ -55,6 +56,8 @@ class CancelResponse(msgspec.Struct, frozen=True):
     status: str
 
 
+CAPABILITY = {"auth": "capability"}  # the job id, minted at random, is the right to read it
+
 IdempotencyKey = Annotated[
     str | None,
     Parameter(header="Idempotency-Key", required=False, max_length=256),
@@ -69,26 +72,36 @@ class JobController(Controller):
 
     @post("/submit", status_code=200, summary="Queue a job that structures the text")
     async def submit(
-        self, data: LLMInput, runtime: Runtime, idempotency_key: IdempotencyKey = None
+        self,
+        data: LLMInput,
+        runtime: Runtime,
+        request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> SubmitResponse:
-        ids = await _submit(runtime, [data.text], data.model, data.params, idempotency_key, data)
+        ids = await _submit(runtime, request, [data.text], data, idempotency_key)
         return SubmitResponse(job_id=ids[0])
 
     @post("/submit/batch", status_code=200, summary="Queue one job per text")
     async def submit_batch(
-        self, data: BatchInput, runtime: Runtime, idempotency_key: IdempotencyKey = None
+        self,
+        data: BatchInput,
+        runtime: Runtime,
+        request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> BatchResponse:
         if len(data.texts) > runtime.settings.job_max_batch:
             limit = runtime.settings.job_max_batch
             raise BadRequest(f"at most {limit} texts per batch", status_code=413)
-        ids = await _submit(runtime, data.texts, data.model, data.params, idempotency_key, data)
+        ids = await _submit(runtime, request, data.texts, data, idempotency_key)
         return BatchResponse(job_ids=ids)
 
-    @get("/status/{job_id:str}", summary="The job's status and stage")
+    @get("/status/{job_id:str}", summary="The job's status and stage", opt=CAPABILITY)
     async def status(self, job_id: str, runtime: Runtime) -> JobStatus:
         return await _store(runtime).status(check_id("job_id", job_id))
 
-    @get("/result/{job_id:str}", summary="The validated result (404 until completed)")
+    @get(
+        "/result/{job_id:str}", summary="The validated result (404 until completed)", opt=CAPABILITY
+    )
     async def result(self, job_id: str, runtime: Runtime) -> dict[str, Any]:
         job_id = check_id("job_id", job_id)
         return {"job_id": job_id, "result": await _store(runtime).result(job_id)}
@@ -102,6 +115,7 @@ class JobController(Controller):
         "/stream/{job_id:str}",
         media_type="text/event-stream",
         summary="The job's progress as Server-Sent Events (resumable)",
+        opt=CAPABILITY,
     )
     async def stream(
         self,
@@ -114,7 +128,8 @@ class JobController(Controller):
         await _store(runtime).status(job_id)  # 404 for unknown jobs
         cursor = parse_cursor(request.headers.get("last-event-id") or last_event_id or "")
         session = session_of(job_id)
-        sub = await runtime.manager.connect(session, cursor)
+        address = request.client.host if request.client else None
+        sub = await runtime.manager.connect(session, cursor, address=address)
         return SSEResponse(
             sub=sub,
             manager=runtime.manager,
@@ -130,11 +145,10 @@ def _store(runtime: Runtime) -> JobStore:
 
 async def _submit(
     runtime: Runtime,
+    request: Request[Any, Any, Any],
     texts: list[str],
-    model: str | None,
-    params: GenerationParams | None,
+    body: LLMInput | BatchInput,
     idempotency_key: str | None,
-    body: msgspec.Struct,
 ) -> list[str]:
     if runtime.stopping:
         raise ServiceUnavailableException("this process is shutting down")
@@ -145,12 +159,14 @@ async def _submit(
                 f"a text holds {len(text)} characters; at most {limit} are allowed",
                 status_code=413,
             )
-    model = model or runtime.settings.job_model
+    model = body.model or runtime.settings.job_model
     runtime.providers.resolve(model)  # unknown model: 400 naming the known ones
     return await _store(runtime).submit(
         texts,
         model=model,
-        params=params.for_provider() if params else {},
+        params=body.params.for_provider() if body.params else {},
         idempotency_key=idempotency_key,
         body=msgspec.json.encode(body),
+        tenant=principal(request),
+        limits=runtime.limits,
     )

@@ -14,7 +14,7 @@ def page_html() -> bytes:
     return resources.files("bridge.web").joinpath("page.html").read_bytes()
 
 
-@get("/", media_type=MediaType.HTML, include_in_schema=False)
+@get("/", media_type=MediaType.HTML, include_in_schema=False, opt={"auth": "public"})
 async def test_page() -> Response[bytes]:
     """Start a chat, watch its tokens live, open a second tab, cancel; try `/generate`."""
     return Response(

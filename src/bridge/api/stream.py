@@ -8,6 +8,7 @@ from typing import Any
 from litestar import Request, get
 from litestar.params import Parameter
 
+from bridge.auth import bearer
 from bridge.connections.sse import SSEResponse
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
@@ -19,12 +20,7 @@ TOKEN_COOKIE = "bridge_stream_token"
 
 def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> str | None:
     """The token from the query (EventSource), an `Authorization: Bearer` header, or a cookie."""
-    if query_token:
-        return query_token
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    return request.cookies.get(TOKEN_COOKIE)
+    return query_token or bearer(request) or request.cookies.get(TOKEN_COOKIE)
 
 
 @get(
@@ -32,6 +28,7 @@ def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> st
     media_type="text/event-stream",
     summary="Stream a session's events (Server-Sent Events)",
     tags=["chat"],
+    opt={"auth": "stream_token"},
 )
 async def sse_stream(
     session_id: str,
@@ -39,6 +36,7 @@ async def sse_stream(
     runtime: Runtime,
     token: str | None = None,
     last_event_id: str | None = Parameter(query="last_event_id", default=None),
+    last_event_id_header: str | None = Parameter(header="Last-Event-ID", default=None),
 ) -> SSEResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
@@ -47,12 +45,13 @@ async def sse_stream(
     """
     session = check_id("sessionId", session_id)
     runtime.tokens.verify(session, stream_token(request, token))
-    cursor = parse_cursor(request.headers.get("last-event-id") or last_event_id or "")
+    cursor = parse_cursor(last_event_id_header or last_event_id or "")
     if runtime.stopping:
         from litestar.exceptions import ServiceUnavailableException
 
         raise ServiceUnavailableException("this process is shutting down")
-    sub = await runtime.manager.connect(session, cursor)
+    client = request.client
+    sub = await runtime.manager.connect(session, cursor, address=client.host if client else None)
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,

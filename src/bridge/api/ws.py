@@ -22,8 +22,10 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import RedisError
 
+from bridge.auth import principal
+from bridge.client_limits import MessageLimiter
 from bridge.connections.subscriber import Closed, Envelope, Subscriber
-from bridge.errors import BadRequest, CloseReason
+from bridge.errors import BadRequest, CloseReason, RateLimited
 from bridge.runtime import Runtime
 from bridge.streams.cancel import request_cancel
 from bridge.streams.codec import EventType, format_cursor, now_ms, parse_cursor
@@ -78,6 +80,8 @@ class WSConnection:
         self._listens: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self._open = True
+        self._limiter = MessageLimiter.from_settings(runtime.settings)
+        self._tenant = principal(socket)
 
     async def serve(self) -> None:
         """Answer messages until the client leaves."""
@@ -108,8 +112,10 @@ class WSConnection:
             self._open = False
 
     async def _handle(self, payload: str | bytes) -> None:
-        if len(payload) > self._runtime.settings.max_body_bytes:
-            await self.send({"type": "error", "message": "the message is too large"})
+        try:
+            self._limiter.check(len(payload))
+        except (BadRequest, RateLimited) as exc:
+            await self.send({"type": "error", "message": exc.detail, **_retry_after(exc)})
             return
         try:
             message = parse_message(payload)
@@ -125,9 +131,12 @@ class WSConnection:
                 await self._listen(message.job_id, message.cursor)
             else:
                 await self._cancel(message)
-        except (BadRequest, RedisError, OSError) as exc:
-            detail = exc.detail if isinstance(exc, BadRequest) else "Redis is unavailable; retry"
-            reply: dict[str, Any] = {"type": "failed", "message": detail}
+        except (BadRequest, RateLimited, RedisError, OSError) as exc:
+            if isinstance(exc, BadRequest | RateLimited):
+                detail = exc.detail
+            else:
+                detail = "Redis is unavailable; retry"
+            reply: dict[str, Any] = {"type": "failed", "message": detail, **_retry_after(exc)}
             if isinstance(message, AddRequest):
                 reply["id"] = message.id
             else:
@@ -141,6 +150,8 @@ class WSConnection:
         job_id = str(uuid.uuid4())
         session = session_of(job_id)
         job = build_job(add, job_id, session, runtime.providers, runtime.settings, now_ms())
+        job = msgspec.structs.replace(job, tenant=self._tenant)
+        await runtime.limits.admit_generation(self._tenant, session, job_id)
         await enqueue(runtime.redis, runtime.keys, runtime.settings, job)
         await self.send({"type": "resp_add", "id": add.id, "job_id": job_id})
         await self._listen(job_id, None)
@@ -153,7 +164,10 @@ class WSConnection:
         previous = self._listens.pop(job_id, None)
         if previous is not None:
             previous.cancel()
-        sub = await runtime.manager.connect(session_of(job_id), cursor, transport="ws")
+        client = self._socket.client
+        sub = await runtime.manager.connect(
+            session_of(job_id), cursor, transport="ws", address=client.host if client else None
+        )
         task = asyncio.create_task(self._forward(job_id, sub), name=f"ws-listen-{job_id}")
         self._listens[job_id] = task
         task.add_done_callback(lambda done: self._forgotten(job_id, done))
@@ -205,6 +219,10 @@ class WSConnection:
                 if envelope.event.terminal:
                     return True
         return False
+
+
+def _retry_after(exc: Exception) -> dict[str, int]:
+    return {"retryAfter": exc.retry_after_s} if isinstance(exc, RateLimited) else {}
 
 
 @websocket("/ws/", name="ws")

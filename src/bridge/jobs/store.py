@@ -19,15 +19,15 @@ from redis.asyncio import Redis
 from bridge.errors import BadRequest
 from bridge.jobs.schema import structured_messages
 from bridge.jobs.structured import outcome_fields
+from bridge.ratelimit import RateLimiter
 from bridge.settings import Settings
-from bridge.streams.answers import generation_events, terminal_event
+from bridge.streams.answers import FINAL_STATUS, generation_events, terminal_event
 from bridge.streams.cancel import request_cancel
 from bridge.streams.codec import now_ms
 from bridge.streams.jobs import GenerationJob, enqueue
 from bridge.streams.keys import Keys
 
 _RUNNING = {"queued": "queued", "running": "in_progress"}
-_TERMINAL = {"complete": "completed", "error": "failed", "cancelled": "cancelled"}
 
 
 class JobNotFound(BadRequest):
@@ -75,6 +75,8 @@ class JobStore:
         params: dict[str, Any],
         idempotency_key: str | None,
         body: bytes,
+        tenant: str = "",
+        limits: RateLimiter | None = None,
     ) -> list[str]:
         """Queue one job per text and return their ids.
 
@@ -87,7 +89,9 @@ class JobStore:
             if earlier is not None:
                 return earlier
         for job_id, text in zip(job_ids, texts, strict=True):
-            await self._create(job_id, text, model, params)
+            if limits is not None:  # the chat's rate limits, per job (a job is a generation)
+                await limits.admit_generation(tenant, session_of(job_id), job_id)
+            await self._create(job_id, text, model, params, tenant)
         return job_ids
 
     async def _claim_key(self, key: str, body: bytes, job_ids: list[str]) -> list[str] | None:
@@ -110,7 +114,9 @@ class JobStore:
             raise JobConflict("this Idempotency-Key was already used with a different body")
         return earlier_ids.split(",")
 
-    async def _create(self, job_id: str, text: str, model: str, params: dict[str, Any]) -> None:
+    async def _create(
+        self, job_id: str, text: str, model: str, params: dict[str, Any], tenant: str
+    ) -> None:
         created = now_ms()
         key = self._keys.job(job_id)
         ttl = int(self._settings.generation_deadline_s) + self._settings.job_result_ttl_s
@@ -126,6 +132,7 @@ class JobStore:
             params={**params, "response_format": {"type": "json_object"}},
             created_ms=created,
             mode="structured",
+            tenant=tenant,
         )
         await enqueue(self._redis, self._keys, self._settings, job)
 
@@ -139,7 +146,7 @@ class JobStore:
             raise JobNotFound(job_id)
         fields = {k.decode(): v.decode() for k, v in record.items()}
         state = generation.decode() if generation is not None else "queued"
-        if "status" not in fields and state in _TERMINAL:
+        if "status" not in fields and state in FINAL_STATUS:
             # ended but not settled yet: the terminal event says what `settled` will store
             fields.update(await self._outcome(job_id, fields.get("model", "")))
         status = fields.get("status") or _RUNNING.get(state, "in_progress")
@@ -175,8 +182,8 @@ class JobStore:
         """Ask the job to stop; 409 if it already ended."""
         await self.status(job_id)  # 404 for unknown jobs
         outcome = await request_cancel(self._redis, self._keys, job_id)
-        if outcome in _TERMINAL:
-            raise JobConflict(f"the job already ended: {_TERMINAL[outcome]}")
+        if outcome in FINAL_STATUS:
+            raise JobConflict(f"the job already ended: {FINAL_STATUS[outcome]}")
         if outcome == "unknown":
             raise JobConflict("the job's generation has expired")
         return "cancelling"

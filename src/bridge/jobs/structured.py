@@ -17,7 +17,12 @@ from redis.asyncio import Redis
 from bridge.modes import Outcome, RunProvider
 from bridge.providers.base import Message
 from bridge.settings import Settings
-from bridge.streams.answers import answer_text, generation_events, terminal_event
+from bridge.streams.answers import (
+    FINAL_STATUS,
+    answer_text,
+    generation_events,
+    terminal_event,
+)
 from bridge.streams.codec import EventType, StreamEvent
 from bridge.streams.jobs import GenerationJob
 from bridge.streams.keys import Keys
@@ -28,11 +33,6 @@ from .schema import InvalidOutput, parse_output, retry_message
 log = structlog.get_logger("bridge.jobs")
 
 _json = msgspec.json.Encoder()
-FINAL_STATUS = {
-    EventType.COMPLETE: "completed",
-    EventType.ERROR: "failed",
-    EventType.CANCELLED: "cancelled",
-}
 
 
 def outcome_fields(event: StreamEvent) -> dict[str, str]:

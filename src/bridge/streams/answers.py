@@ -15,6 +15,13 @@ from bridge.streams.codec import EventType, StreamEvent, from_fields
 from bridge.streams.jobs import GenerationJob
 from bridge.streams.keys import Keys
 
+#: The outcome names the seed APIs report, by terminal event type (or generation status).
+FINAL_STATUS: dict[str, str] = {
+    EventType.COMPLETE: "completed",
+    EventType.ERROR: "failed",
+    EventType.CANCELLED: "cancelled",
+}
+
 
 async def generation_events(redis: Redis, keys: Keys, job: GenerationJob) -> list[StreamEvent]:
     """The retained events of `job`'s generation, in order (malformed entries skipped)."""

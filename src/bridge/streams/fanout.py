@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
-from bridge.streams.keys import Keys
+from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.fanout")
 
@@ -72,7 +72,7 @@ class FanoutReader:
         index = self._keys.session_index(session)
         try:
             entries: Any = await self._redis.xrange(index)
-            models = sorted({fields[b"m"].decode() for _, fields in entries if b"m" in fields})
+            models = sorted({model for _, fields in entries if (model := indexed_model(fields))})
             async with self._redis.pipeline(transaction=False) as pipe:
                 for model in models:
                     pipe.xrevrange(self._keys.stream(session, model), count=1)
@@ -126,7 +126,7 @@ class FanoutReader:
 
     def _on_index(self, session: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for _, fields in entries:
-            model = fields.get(b"m", b"").decode()
+            model = indexed_model(fields)
             if model and self._keys.stream(session, model).encode() not in self._stream_owner:
                 self._add_stream(session, model, b"0-0")  # new stream: all of it is news
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from bridge.connections.subscriber import Envelope
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import Cursor, EntryId, format_entry_id, from_fields, parse_entry_id
-from bridge.streams.keys import Keys
+from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.history")
 
@@ -34,7 +34,7 @@ class Gap(msgspec.Struct, frozen=True):
 async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
     """Models that have had a generation in `session` (from its index stream)."""
     entries: Any = await redis.xrange(keys.session_index(session))
-    return {fields[b"m"].decode() for _, fields in entries if b"m" in fields}
+    return {model for _, fields in entries if (model := indexed_model(fields))}
 
 
 async def replay(

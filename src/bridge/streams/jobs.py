@@ -36,6 +36,7 @@ class GenerationJob(msgspec.Struct, frozen=True):
     messages: tuple[Message, ...]
     params: dict[str, Any] = {}
     created_ms: float = 0.0
+    tenant: str = ""  # whom limits and usage are charged to (bridge.auth.principal)
     mode: str = "chat"
     meta: dict[str, str] = {}
     fallbacks: tuple[Fallback, ...] = ()

@@ -31,11 +31,19 @@ local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('FENCED owner epoch is ' .. tostring(epoch))
 end
+local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
 local status = redis.call('HGET', KEYS[2], 'status')
 if status == 'complete' or status == 'error' or status == 'cancelled' then
+  local newest, j = -1, 7
+  for _ = 1, tonumber(ARGV[6]) do
+    newest = math.max(newest, tonumber(ARGV[j]))
+    j = j + 3 + tonumber(ARGV[j + 2])
+  end
+  if newest <= last_seq then
+    return false  -- a retry of a batch that is already stored: nothing to do
+  end
   return redis.error_reply('FENCED generation already ended: ' .. status)
 end
-local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
 local i = 7
 local tokens = 0
 local last_id = false
@@ -59,9 +67,9 @@ if tokens > 0 then
 end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[2], 'status', ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return last_id
 """
 

@@ -28,11 +28,11 @@ from bridge.modes import Outcome, RunProvider
 from bridge.providers.base import Message
 from bridge.providers.registry import ProviderRegistry
 from bridge.settings import Settings
-from bridge.streams.answers import answer_text, generation_events, terminal_event
+from bridge.streams.answers import FINAL_STATUS, answer_text, generation_events, terminal_event
 from bridge.streams.codec import EventType, now_ms
 from bridge.streams.consumer import Delivery
 from bridge.streams.jobs import GenerationJob
-from bridge.streams.keys import check_id
+from bridge.streams.keys import Keys, check_id
 
 log = structlog.get_logger("bridge.seed_requests")
 
@@ -41,11 +41,6 @@ QUESTION_SYSTEM = (
     "You are a helpful assistant that answers questions about the provided content. "
     "Answer only from the content."
 )
-STATUS = {
-    EventType.COMPLETE: "completed",
-    EventType.ERROR: "failed",
-    EventType.CANCELLED: "cancelled",
-}
 
 PUBLISH_SCRIPT = """
 -- KEYS: generation hash, results stream. ARGV: maxlen, then field/value pairs.
@@ -121,7 +116,7 @@ class SeedRequestDecoder:
 class ReplyMode:
     """Runs seed-000 requests and publishes each result to the results stream once."""
 
-    def __init__(self, redis: Redis, keys: Any, settings: Settings) -> None:
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self._redis = redis
         self._keys = keys
         self._settings = settings
@@ -147,7 +142,7 @@ class ReplyMode:
             "type": job.meta.get("type", ""),
             "model": job.meta.get("model", job.model_id),
             "upstream_model": job.meta.get("upstream_model", ""),
-            "status": STATUS[terminal.type],
+            "status": FINAL_STATUS[terminal.type],
             "result": answer_text(events),
             "prompt_tokens": int(usage.get("promptTokens", 0)),
             "completion_tokens": int(usage.get("completionTokens", 0)),
