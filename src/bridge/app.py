@@ -21,6 +21,7 @@ from bridge.api.health import HealthController
 from bridge.api.metrics import metrics_endpoint
 from bridge.api.observability import ObservabilityMiddleware
 from bridge.api.problems import EXCEPTION_HANDLERS
+from bridge.api.seed_routes import SEED_ROUTES
 from bridge.api.stream import sse_stream
 from bridge.auth import ApiKeys
 from bridge.client_limits import HeaderSizeLimit
@@ -60,7 +61,7 @@ def create_app(
 
     handlers: list[ControllerRouterHandler] = [HealthController, metrics_endpoint]
     if with_api:
-        handlers[:0] = [ChatController, sse_stream]
+        handlers[:0] = [ChatController, sse_stream, *SEED_ROUTES]
     app = Litestar(
         route_handlers=handlers,
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},

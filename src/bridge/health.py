@@ -180,6 +180,8 @@ class HealthMonitor:
                 for t in runtime.tasks
             },
         }
+        if runtime.batcher is not None:
+            report["batching"] = runtime.batcher.stats.report()
         if runtime.worker is not None:
             report["localWorker"] = {
                 "name": runtime.worker.name,

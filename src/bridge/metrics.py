@@ -185,6 +185,18 @@ HTTP_REQUEST_DURATION = Histogram(
     buckets=_HTTP,
     registry=REGISTRY,
 )
+BATCH_SIZE = Histogram(
+    "bridge_batch_size_requests",
+    "Requests per batch run by the micro-batching /generate backend.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+    registry=REGISTRY,
+)
+BATCH_QUEUE_WAIT = Histogram(
+    "bridge_batch_queue_wait_seconds",
+    "How long a /generate request waited before its batch started.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
 
 
 class TransportMeter:

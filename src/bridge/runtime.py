@@ -13,15 +13,19 @@ from redis.asyncio import Redis
 
 from bridge import metrics
 from bridge.access import StreamTokens
+from bridge.batching.batcher import Batcher
 from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.health import HealthMonitor
 from bridge.providers.registry import ProviderRegistry
 from bridge.ratelimit import RateLimiter
 from bridge.redis_select import RedisChoice, make_client, select_redis
+from bridge.seeds import seed_streams, worker_modes
 from bridge.settings import Settings
+from bridge.streams.cancel import CancelWatch
 from bridge.streams.fanout import FanoutReader
 from bridge.streams.keys import Keys
+from bridge.streams.seed_requests import SeedRequestDecoder
 from bridge.supervisor import BackgroundTask
 from bridge.worker import Worker
 
@@ -68,15 +72,37 @@ class Runtime:
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
+        self.batcher: Batcher | None = None
+        self.seed_workers: list[Worker] = []
         if with_worker:
+            cancels = CancelWatch(redis, self.keys)
+            self.batcher = Batcher(settings)
+            modes = worker_modes(redis, self.keys, settings, cancels, self.batcher)
             self.worker = Worker(
                 redis=redis,
                 reader=self._blocking_client(choice.url, blocking_timeout),
                 keys=self.keys,
                 settings=settings,
                 providers=self.providers,
+                modes=modes,
             )
             self.tasks.append(BackgroundTask("worker", self.worker.run))
+            self.tasks.append(BackgroundTask("cancel-watch", cancels.watch))
+            self.tasks.append(BackgroundTask("batcher", self.batcher.run))
+            for kind, stream in seed_streams(settings):
+                seed_worker = Worker(
+                    redis=redis,
+                    reader=self._blocking_client(choice.url, blocking_timeout),
+                    keys=self.keys,
+                    settings=settings,
+                    providers=self.providers,
+                    name=f"{self.worker.name}-{kind}",
+                    modes=modes,
+                    stream=stream,
+                    decode=SeedRequestDecoder(kind, self.providers, settings),
+                )
+                self.seed_workers.append(seed_worker)
+                self.tasks.append(BackgroundTask(f"{kind}-worker", seed_worker.run))
         self.monitor = HealthMonitor(self)
         self.tasks.append(BackgroundTask("health-monitor", self.monitor.run))
         self.stopping = False
@@ -123,13 +149,20 @@ class Runtime:
             return
         self.stopping = True
         closed = self.manager.close_all(CloseReason.SHUTDOWN)
-        running = 0
-        if self.worker is not None:
-            running = self.worker.active
-            self._drained = asyncio.create_task(
-                self.worker.drain(self.settings.shutdown_timeout_s), name="worker-drain"
-            )
+        workers = self.workers
+        running = sum(worker.active for worker in workers)
+        if workers:
+            self._drained = asyncio.create_task(self._drain(workers), name="worker-drain")
         log.info("shutdown_started", connections_closed=closed, generations_running=running)
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every worker of this process: the chat worker and the seed request-stream ones."""
+        return ([self.worker] if self.worker is not None else []) + self.seed_workers
+
+    async def _drain(self, workers: list[Worker]) -> int:
+        timeout = self.settings.shutdown_timeout_s
+        return sum(await asyncio.gather(*(worker.drain(timeout) for worker in workers)))
 
     async def drained(self) -> None:
         """Wait until the worker's running generations ended, or the shutdown deadline."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping
 
 import msgspec
 
 from bridge.auth import ApiKeyEntry, parse_api_keys
 from bridge.errors import ConfigError
+from bridge.provider_catalog import PROVIDERS, SEED_ALIASES, Endpoint, endpoints_from
 
 #: Seed 000's aliases; `gpt-4` is the model seed 002 uses in its examples.
 DEFAULT_MODELS = (
@@ -68,6 +70,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     provider_connect_timeout_s: float = 10.0
     provider_read_timeout_s: float = 60.0
     models: tuple[ModelRoute, ...] = ()
+    # the catalog providers' endpoints and keys (bridge.provider_catalog)
+    endpoints: dict[str, Endpoint] = msgspec.field(default_factory=lambda: endpoints_from({}))
 
     mock_tokens: int = 24
     mock_delay_ms: float = 20.0
@@ -97,6 +101,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int | None = None
     shutdown_timeout_s: float = 25.0
     shutdown_delay_s: float = 2.0
+
+    # the seed systems (docs/seeds.md)
+    job_model: str = "mock"
+    job_max_attempts: int = 3
+    job_result_ttl_s: int = 3600
+    job_max_batch: int = 100
+    seed_streams: bool = True
+    summary_stream: str = "summary_requests"
+    question_stream: str = "question_requests"
+    results_stream: str = "llm_results"
+    seed_model: str = "chatgpt"
+    batch_size: int = 4
+    batch_window_ms: float = 200.0
+    batch_concurrency: int = 1
+    batch_command: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -130,7 +149,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             openai_api_key=openai_api_key,
             provider_connect_timeout_s=reader.number("BRIDGE_PROVIDER_CONNECT_TIMEOUT_S", 10.0),
             provider_read_timeout_s=reader.number("BRIDGE_PROVIDER_READ_TIMEOUT_S", 60.0),
-            models=parse_models(env.get("BRIDGE_MODELS") or DEFAULT_MODELS),
+            models=parse_models(env["BRIDGE_MODELS"])
+            if env.get("BRIDGE_MODELS")
+            else default_routes(env),
+            endpoints=endpoints_from(env),
             mock_tokens=reader.integer("BRIDGE_MOCK_TOKENS", 24),
             mock_delay_ms=reader.number("BRIDGE_MOCK_DELAY_MS", 20.0),
             stream_secret=env.get("BRIDGE_STREAM_SECRET") or None,
@@ -156,6 +178,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             metrics_port=reader.port("BRIDGE_METRICS_PORT"),
             shutdown_timeout_s=reader.number("BRIDGE_SHUTDOWN_TIMEOUT_S", 25.0),
             shutdown_delay_s=reader.number("BRIDGE_SHUTDOWN_DELAY_S", 2.0),
+            job_model=reader.text("BRIDGE_JOB_MODEL", "mock"),
+            job_max_attempts=max(1, reader.integer("BRIDGE_JOB_MAX_ATTEMPTS", 3)),
+            job_result_ttl_s=reader.integer("BRIDGE_JOB_RESULT_TTL_S", 3600),
+            job_max_batch=reader.integer("BRIDGE_JOB_MAX_BATCH", 100),
+            seed_streams=reader.flag("BRIDGE_SEED_STREAMS", True),
+            summary_stream=reader.text("BRIDGE_SUMMARY_STREAM", "summary_requests"),
+            question_stream=reader.text("BRIDGE_QUESTION_STREAM", "question_requests"),
+            results_stream=reader.text("BRIDGE_RESULTS_STREAM", "llm_results"),
+            seed_model=reader.text("BRIDGE_SEED_MODEL", "chatgpt"),
+            batch_size=max(1, reader.integer("BRIDGE_BATCH_SIZE", 4)),
+            batch_window_ms=reader.number("BRIDGE_BATCH_WINDOW_MS", 200.0),
+            batch_concurrency=max(1, reader.integer("BRIDGE_BATCH_CONCURRENCY", 1)),
+            batch_command=tuple(shlex.split(env.get("BRIDGE_BATCH_COMMAND") or "")),
         )
         if settings.stream_maxlen < 100:
             raise ConfigError("BRIDGE_STREAM_MAXLEN must be at least 100")
@@ -186,7 +221,7 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
             )
         provider: str | None = None
         head, colon, rest = target.partition(":")
-        if colon and head in ("mock", "openai"):
+        if colon and (head == "mock" or head in PROVIDERS):
             provider, target = head, rest.strip()
             if not target:
                 raise ConfigError(f"BRIDGE_MODELS entry {item!r} names no model after {head}:")
@@ -196,6 +231,18 @@ def parse_models(spec: str) -> tuple[ModelRoute, ...]:
         routes.append(ModelRoute(alias=alias, provider=provider, upstream=target))
     if not routes:
         raise ConfigError("BRIDGE_MODELS names no model")
+    return tuple(routes)
+
+
+def default_routes(env: Mapping[str, str]) -> tuple[ModelRoute, ...]:
+    """DEFAULT_MODELS, with each seed-000 alias sent to its own provider when that provider's
+    API key is in the environment (`claude` to Anthropic with ANTHROPIC_API_KEY, ...)."""
+    routes = []
+    for route in parse_models(DEFAULT_MODELS):
+        home = SEED_ALIASES.get(route.alias)
+        if home is not None and env.get(f"{home[0].upper()}_API_KEY"):
+            route = ModelRoute(alias=route.alias, provider=home[0], upstream=home[1])
+        routes.append(route)
     return tuple(routes)
 
 

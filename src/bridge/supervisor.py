@@ -12,6 +12,8 @@ import structlog
 
 from bridge import metrics
 
+_STOP_RETRY_S = 0.5
+
 log = structlog.get_logger("bridge.supervisor")
 
 INITIAL_BACKOFF_S = 0.1
@@ -70,7 +72,13 @@ class BackgroundTask:
     async def stop(self) -> None:
         """Cancel the task and wait for it to end."""
         self._running = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        if task is None:
+            return
+        # Cancel again until it ends: a library may swallow one cancellation (redis-py's
+        # pub/sub read does, when the cancel lands while it reconnects), which would hang stop.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_STOP_RETRY_S)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 
 from bridge import metrics
 from bridge.errors import Fenced, MalformedEntry, ProviderError
+from bridge.modes import Modes
 from bridge.providers.base import Delta, ProviderRequest, Usage
 from bridge.providers.metered import metered
 from bridge.providers.registry import ProviderRegistry
@@ -87,13 +89,22 @@ class Worker:
         settings: Settings,
         providers: ProviderRegistry,
         name: str | None = None,
+        modes: Modes | None = None,
+        stream: str | None = None,
+        decode: Callable[[Delivery], GenerationJob] | None = None,
     ) -> None:
         self.name = name or worker_name()
         self._redis = redis
         self._keys = keys
         self._settings = settings
         self._providers = providers
-        self.queue = WorkQueue(redis, reader, keys, settings, self.name)
+        # `stream` and `decode`: serve another request stream (seed 000) with this same loop
+        dead_letters = f"{stream}:dead" if stream else None
+        self.queue = WorkQueue(
+            redis, reader, keys, settings, self.name, stream=stream, dead_letters=dead_letters
+        )
+        self._decode = decode or (lambda delivery: decode_job(delivery.fields))
+        self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._limits = RateLimiter(redis, keys, settings)
@@ -205,7 +216,7 @@ class Worker:
 
     async def _serve(self, delivery: Delivery) -> None:
         try:
-            job = decode_job(delivery.fields)
+            job = self._decode(delivery)
         except MalformedEntry as exc:
             log.warning("malformed_request_skipped", entry=delivery.entry_id, error=str(exc))
             await self.queue.dead_letter(delivery, "malformed")
@@ -216,6 +227,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(request_id=job.request_id, session_id=job.session_id)
         try:
             if await self._generate(job):
+                await self._modes.settled(job)
                 self.queue.ack(delivery.entry_id)
         except Fenced as exc:
             log.warning("generation_fenced", error=str(exc))  # the new owner acknowledges
@@ -244,7 +256,8 @@ class Worker:
             # Taken over from a worker that died: the answer restarts, visibly.
             await writer.seam({"mode": "restart", "discardedTokens": earlier_tokens})
         meter = self._limits.meter(job.tenant, job.session_id)
-        kind, data = await self._run_provider(job, writer, meter)
+        run_provider = functools.partial(self._run_provider, meter=meter)
+        kind, data = await self._modes.run(job, writer, run_provider)
         await meter.settle()  # before the terminal event: a client that saw it sees usage too
         await writer.finish(kind, data)
         self.completed += 1
@@ -320,4 +333,5 @@ class Worker:
                     "message": f"the request failed {delivery.times_delivered - 1} times",
                 },
             )
+        await self._modes.settled(job)
         await self.queue.dead_letter(delivery, "max_deliveries")

@@ -212,7 +212,14 @@ async def test_health_report_names_every_component(
     assert set(api_report["tasks"]) == {"fanout-reader", "health-monitor"}
     assert api_report["tasks"]["fanout-reader"]["restarts"] == 0
     assert "open" in api_report["connections"]
-    assert set(worker_report["tasks"]) == {"worker", "health-monitor"}
+    assert set(worker_report["tasks"]) == {
+        "worker",
+        "summary-worker",
+        "question-worker",
+        "cancel-watch",
+        "batcher",
+        "health-monitor",
+    }
     assert worker_report["localWorker"]["accepting"] is True
 
 

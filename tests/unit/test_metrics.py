@@ -41,7 +41,7 @@ def test_every_metric_is_declared_in_the_metrics_module() -> None:
 
 
 def test_names_units_and_labels_follow_the_conventions() -> None:
-    """bridge_ namespace, counters end in _total, durations in seconds, no unbounded labels."""
+    """bridge_ namespace, _total on counters, histograms name their unit, no unbounded labels."""
     families = [
         f for f in metrics.REGISTRY.collect() if not f.name.startswith(("process_", "python_"))
     ]
@@ -50,8 +50,8 @@ def test_names_units_and_labels_follow_the_conventions() -> None:
         assert family.name.startswith("bridge_"), family.name
         assert "_ms" not in family.name
         assert "millis" not in family.name
-        if family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
+        if family.type == "histogram":  # durations in seconds, or a count with its unit
+            assert family.name.endswith(("_seconds", "_requests")), family.name
         for sample_ in family.samples:
             if family.type == "counter":
                 assert sample_.name.endswith("_total"), sample_.name

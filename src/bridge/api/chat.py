@@ -83,6 +83,11 @@ def build_messages(data: StartChat, settings: Settings) -> tuple[Message, ...]:
     messages = [Message(m.role, m.content) for m in data.messages or ()]
     if data.prompt is not None:
         messages.append(Message("user", data.prompt))
+    return check_messages(messages, settings)
+
+
+def check_messages(messages: list[Message], settings: Settings) -> tuple[Message, ...]:
+    """Enforce the limits on a conversation: not empty, not too many messages or characters."""
     if not messages or not any(m.content.strip() for m in messages):
         raise BadRequest("prompt or messages is required and must not be empty")
     if len(messages) > settings.max_messages:

@@ -35,10 +35,23 @@ class Delivery(msgspec.Struct):
 class WorkQueue:
     """This worker's handle on the request stream's consumer group."""
 
-    def __init__(self, redis: Redis, reader: Redis, keys: Keys, settings: Settings, name: str):
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        keys: Keys,
+        settings: Settings,
+        name: str,
+        *,
+        stream: str | None = None,
+        dead_letters: str | None = None,
+    ):
         self._redis = redis
         self._reader = reader  # a dedicated connection for the blocking read
         self._keys = keys
+        # the chat request stream by default; the seed request streams reuse this class
+        self.stream = stream or keys.requests
+        self.dead_letters = dead_letters or keys.dead_letters
         self._settings = settings
         self.name = name
         self._reclaim_cursor = "0-0"
@@ -49,7 +62,7 @@ class WorkQueue:
         """Create the group at id 0 (so requests queued before any worker are served)."""
         try:
             await self._redis.xgroup_create(
-                self._keys.requests, self._keys.worker_group, id="0", mkstream=True
+                self.stream, self._keys.worker_group, id="0", mkstream=True
             )
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
@@ -60,7 +73,7 @@ class WorkQueue:
         result: Any = await self._reader.xreadgroup(
             self._keys.worker_group,
             self.name,
-            {self._keys.requests: ">"},
+            {self.stream: ">"},
             count=count,
             block=block_ms,
         )
@@ -74,7 +87,7 @@ class WorkQueue:
     async def reclaim(self, count: int = 50) -> list[Delivery]:
         """Take over requests whose worker has been idle for `reclaim_idle_ms` (one scan step)."""
         cursor, claimed, _deleted = await self._redis.xautoclaim(
-            self._keys.requests,
+            self.stream,
             self._keys.worker_group,
             self.name,
             min_idle_time=self._settings.reclaim_idle_ms,
@@ -87,9 +100,7 @@ class WorkQueue:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry_id, _ in entries:
-                pipe.xpending_range(
-                    self._keys.requests, self._keys.worker_group, entry_id, entry_id, 1
-                )
+                pipe.xpending_range(self.stream, self._keys.worker_group, entry_id, entry_id, 1)
             pending = await pipe.execute()
         deliveries = []
         for (entry_id, fields), info in zip(entries, pending, strict=True):
@@ -107,7 +118,7 @@ class WorkQueue:
         ids: list[Any] = list(entry_ids)
         if ids:
             await self._redis.xclaim(
-                self._keys.requests,
+                self.stream,
                 self._keys.worker_group,
                 self.name,
                 min_idle_time=0,
@@ -133,7 +144,7 @@ class WorkQueue:
         if not batch:
             return
         try:
-            await self._redis.xack(self._keys.requests, self._keys.worker_group, *batch)
+            await self._redis.xack(self.stream, self._keys.worker_group, *batch)
         except BaseException:
             self._acks[:0] = batch  # retried on the next flush; XACK is idempotent
             self._ack_ready.set()
@@ -150,8 +161,8 @@ class WorkQueue:
             }
         )
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._keys.dead_letters, fields, maxlen=10_000, approximate=True)
-            pipe.xack(self._keys.requests, self._keys.worker_group, delivery.entry_id)
+            pipe.xadd(self.dead_letters, fields, maxlen=10_000, approximate=True)
+            pipe.xack(self.stream, self._keys.worker_group, delivery.entry_id)
             await pipe.execute()
         log.warning("request_dead_lettered", entry=delivery.entry_id, reason=reason)
         metrics.REQUESTS_DEAD_LETTERED.labels(reason).inc()

@@ -64,6 +64,14 @@ class Keys:
         """Hash with the state of one generation: owner epoch, status, sequence, usage."""
         return f"{self.prefix}gen:{request_id}"
 
+    def job(self, job_id: str) -> str:
+        """Hash of a job-API job: its stage, and once settled its status and result."""
+        return f"{self.prefix}job:{job_id}"
+
+    def idempotency(self, key_digest: str) -> str:
+        """The job ids an `Idempotency-Key` (by its SHA-256) was first used for."""
+        return f"{self.prefix}idempotency:{key_digest}"
+
     def usage(self, session: str) -> str:
         """Hash of token counters for one session (fields per model)."""
         return f"{self.prefix}usage:{session}"
