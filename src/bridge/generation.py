@@ -9,9 +9,11 @@ paused past the reclaim time. The new owner reads the answer written so far and 
 a provider that supports it as a prefix) or starts it again (`mode: restart`: clients drop the
 text of this request received before the seam). Sequence numbers keep increasing across it.
 
-The provider call is retried with backoff on retryable errors only while no token has been
-written (after that, a retry would repeat text); the whole call has a deadline, and a cancel
-aborts it at once and ends the stream with `cancelled`.
+The generation runs in its mode (`bridge.modes`: chat, or a seed system's), which calls the
+provider through `_run_provider`: retried with backoff on retryable errors only while no token
+has been written (after that, a retry would repeat text), under a deadline, metered, and
+charged to the tokens-per-minute limits. A cancel (`streams.cancel`) aborts it at once and
+ends the stream with `cancelled`; one flagged before the claim never calls a provider.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from redis.asyncio import Redis
 
 from bridge.backoff import raise_if_cancelling
 from bridge.errors import GenerationStopped, MalformedEntry, ProviderError, UnknownModel
+from bridge.modes import Modes, Outcome, cancelled_outcome
 from bridge.providers.base import Delta, Finish, Provider, ProviderRequest, Usage
+from bridge.providers.metered import metered
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter, TokenMeter
 from bridge.settings import Settings
 from bridge.streams.codec import EventType, from_fields
 from bridge.streams.jobs import GenerationJob
@@ -57,6 +62,10 @@ return {epoch, tonumber(state[1] or '0'), tonumber(state[2] or '0'),
 _PAGE = 1000
 
 
+class TokensRefused(Exception):
+    """A tokens-per-minute limit refused the next token."""
+
+
 class Claim(msgspec.Struct, frozen=True):
     """What claiming a generation found."""
 
@@ -69,7 +78,7 @@ class Claim(msgspec.Struct, frozen=True):
 
 
 class Generation:
-    """Runs one generation request; `cancel()` may be called from anywhere in the loop."""
+    """Runs one generation request, from its claim to its terminal event."""
 
     def __init__(
         self,
@@ -82,6 +91,8 @@ class Generation:
         producer: StreamProducer,
         providers: ProviderRegistry,
         chain: Processor,
+        modes: Modes,
+        limits: RateLimiter,
     ) -> None:
         self.job = job
         self._worker = worker
@@ -91,15 +102,10 @@ class Generation:
         self._producer = producer
         self._providers = providers
         self._chain = chain
+        self._modes = modes
+        self._meter: TokenMeter = limits.meter(job.tenant, job.session_id)
         self._claim_script = redis.register_script(CLAIM_SCRIPT)
-        self.cancel_requested = False
-        self._provider_task: asyncio.Task[tuple[EventType, dict[str, Any]]] | None = None
-
-    def cancel(self) -> None:
-        """Abort the upstream call; the stream ends with `cancelled` unless it already ended."""
-        self.cancel_requested = True
-        if self._provider_task is not None:
-            self._provider_task.cancel()
+        self._prefix = ""  # the answer so far, for the first provider call of a continuation
 
     async def run(self) -> EventType | None:
         """Claim, produce and end the generation; None if it had already ended.
@@ -113,6 +119,7 @@ class Generation:
         try:
             raise_if_cancelling()
             kind, data = await self._produce(claim, writer)
+            await self._meter.settle()  # before the terminal event: who sees it sees usage too
             try:
                 await writer.finish(kind, data)
             except GenerationStopped as exc:  # the session limit cut the last tokens
@@ -121,7 +128,7 @@ class Generation:
         except BaseException:
             await writer.abort()
             raise
-        log.info("generation_finished", outcome=kind.value, tokens=writer.ctx.tokens)
+        log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
         return kind
 
     async def give_up(self, failed_deliveries: int) -> bool:
@@ -153,10 +160,8 @@ class Generation:
         )
         return claim, self._producer.writer(ctx, last_seq=claim.last_seq, chain=self._chain)
 
-    async def _produce(
-        self, claim: Claim, writer: GenerationWriter
-    ) -> tuple[EventType, dict[str, Any]]:
-        if claim.cancel or self.cancel_requested:
+    async def _produce(self, claim: Claim, writer: GenerationWriter) -> Outcome:
+        if claim.cancel:  # cancelled while queued, or before this worker reclaimed it
             return self._cancelled(claim, writer)
         limit = self._settings.session_token_limit
         if limit and claim.session_tokens >= limit:
@@ -164,47 +169,40 @@ class Generation:
                 "code": "session_limit",
                 "message": f"the session used its {limit} tokens",
             }
-        try:
-            provider, upstream = self._providers.resolve(self.job.model_id)
-        except UnknownModel as exc:  # the API knows a model this worker is not configured for
-            return EventType.ERROR, {"code": "unknown_model", "message": exc.detail}
-        prefix = await self._takeover(claim, writer, provider) if claim.last_seq > 0 else ""
+        if claim.last_seq > 0:
+            self._prefix = await self._takeover(claim, writer)
         raise_if_cancelling()
-        request = ProviderRequest(upstream, self.job.messages, self.job.params, prefix=prefix)
-        task = asyncio.create_task(self._call(provider, request, writer))
-        self._provider_task = task
-        if self.cancel_requested:
-            task.cancel()
-        try:
-            return await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if self.cancel_requested and (current is None or not current.cancelling()):
-                return self._cancelled(claim, writer)
-            raise
-        finally:
-            self._provider_task = None
+        kind, data = await self._modes.run(self.job, writer, self._run_provider)
+        if kind is EventType.CANCELLED:
+            return self._cancelled(claim, writer)
+        return kind, data
 
-    def _cancelled(
-        self, claim: Claim, writer: GenerationWriter
-    ) -> tuple[EventType, dict[str, Any]]:
-        written = claim.written_tokens + writer.ctx.tokens
+    def _cancelled(self, claim: Claim, writer: GenerationWriter) -> Outcome:
+        written = claim.written_tokens + writer.tokens  # every token the session was sent
         log.info("generation_cancelled", tokens=written)
-        return EventType.CANCELLED, {
-            "reason": "cancelled on request",
-            "usage": {"completionTokens": written},
-        }
+        return cancelled_outcome(written)
 
-    async def _takeover(self, claim: Claim, writer: GenerationWriter, provider: Provider) -> str:
+    async def _takeover(self, claim: Claim, writer: GenerationWriter) -> str:
         """Write the seam; return the answer so far if the provider continues it, else ""."""
         tokens, whole = await self._answer_so_far(claim)
         log.warning("generation_taken_over", epoch=claim.epoch, tokens_so_far=len(tokens))
-        if whole and getattr(provider, "continues_prefix", False):
+        if whole and self._continues():
             writer.ctx.kept_tokens = len(tokens)
             await writer.seam({"mode": "continue", "keptTokens": len(tokens)})
             return "".join(tokens)
         await writer.seam({"mode": "restart", "discardedTokens": len(tokens)})
         return ""
+
+    def _continues(self) -> bool:
+        """Whether a takeover may continue the answer: plain chat, one model, and a provider
+        that continues a prefix (a fallback or another mode's retries would not)."""
+        if self.job.mode != "chat" or self.job.fallbacks:
+            return False
+        try:
+            provider, _upstream = self._providers.resolve(self.job.model_id)
+        except UnknownModel:
+            return False
+        return bool(getattr(provider, "continues_prefix", False))
 
     async def _answer_so_far(self, claim: Claim) -> tuple[list[str], bool]:
         """Tokens of the answer since its last restart, and whether every event is retained."""
@@ -231,17 +229,24 @@ class Generation:
             start = "(" + entries[-1][0].decode()
         return tokens, seqs == list(range(1, claim.last_seq + 1))
 
-    async def _call(
-        self, provider: Provider, request: ProviderRequest, writer: GenerationWriter
-    ) -> tuple[EventType, dict[str, Any]]:
+    async def _run_provider(self, job: GenerationJob, writer: GenerationWriter) -> Outcome:
+        """One provider call of the mode (`modes.RunProvider`), its failures as outcomes."""
+        try:
+            provider, upstream = self._providers.resolve(job.model_id)
+        except UnknownModel as exc:  # the API knows a model this worker is not configured for
+            return EventType.ERROR, {"code": "unknown_model", "message": exc.detail}
+        prefix, self._prefix = self._prefix, ""
+        request = ProviderRequest(upstream, job.messages, job.params, prefix=prefix)
         try:
             async with asyncio.timeout(self._settings.generation_deadline_s):
-                finish = await self._stream_with_retries(provider, request, writer)
+                finish = await self._stream_with_retries(provider, request, writer, job.model_id)
         except ProviderError as exc:
             log.warning("provider_failed", code=exc.code, error=exc.message)
             return EventType.ERROR, {"code": exc.code, "message": exc.message}
         except GenerationStopped as exc:
             return EventType.ERROR, {"code": exc.code, "message": exc.message}
+        except TokensRefused:
+            return EventType.ERROR, self._meter.exceeded()
         except TimeoutError:
             return EventType.ERROR, {
                 "code": "deadline_exceeded",
@@ -249,18 +254,18 @@ class Generation:
             }
         return EventType.COMPLETE, {
             "finishReason": finish.reason,
-            "usage": msgspec.to_builtins(self._usage(finish, writer)),
+            "usage": msgspec.to_builtins(self._usage(job, finish, writer)),
         }
 
     async def _stream_with_retries(
-        self, provider: Provider, request: ProviderRequest, writer: GenerationWriter
+        self, provider: Provider, request: ProviderRequest, writer: GenerationWriter, model: str
     ) -> Finish:
         settings = self._settings
         attempt = 0
         while True:
             before = writer.ctx.tokens
             try:
-                return await _stream(provider, request, writer)
+                return await self._stream(provider, request, writer, model)
             except ProviderError as exc:
                 if not exc.retryable or writer.ctx.tokens > before:
                     raise
@@ -272,30 +277,38 @@ class Generation:
                 log.info("provider_retrying", code=exc.code, attempt=attempt, delay_s=delay)
                 await asyncio.sleep(delay)
 
-    def _usage(self, finish: Finish, writer: GenerationWriter) -> Usage:
+    async def _stream(
+        self, provider: Provider, request: ProviderRequest, writer: GenerationWriter, model: str
+    ) -> Finish:
+        finish = Finish()
+        # The time to first token counts from the request's creation, not after a takeover.
+        first_ms = (self.job.created_ms or None) if writer.seq == 0 else None
+        stream = metered(
+            provider.stream(request),
+            provider=provider.name,
+            model=model,
+            created_ms=first_ms,
+        )
+        try:
+            async for item in stream:
+                if isinstance(item, Delta):
+                    if item.text:
+                        if not await self._meter.take():  # a tokens-per-minute limit
+                            raise TokensRefused
+                        await writer.token(item.text)
+                else:
+                    finish = item
+        finally:
+            # Close the upstream request now, not when the generator is collected.
+            await stream.aclose()  # type: ignore[attr-defined]
+        return finish
+
+    def _usage(self, job: GenerationJob, finish: Finish, writer: GenerationWriter) -> Usage:
         ctx = writer.ctx
         if finish.usage is None:
-            prompt = sum(len(m.content.split()) for m in self.job.messages)
+            prompt = sum(len(m.content.split()) for m in job.messages)
             completion = ctx.tokens
         else:
             prompt, completion = finish.usage.prompt_tokens, finish.usage.completion_tokens
         completion += ctx.kept_tokens  # the continued answer includes the earlier owner's part
         return Usage(prompt, completion, prompt + completion)
-
-
-async def _stream(provider: Provider, request: ProviderRequest, writer: GenerationWriter) -> Finish:
-    finish = Finish()
-    stream = provider.stream(request)
-    try:
-        async for item in stream:
-            if isinstance(item, Delta):
-                if item.text:
-                    await writer.token(item.text)
-            else:
-                finish = item
-    finally:
-        # Close the upstream request now, not when the generator is collected.
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    return finish

@@ -4,8 +4,9 @@ A request is acknowledged once its generation has a terminal event. While it run
 renews its claim; a request whose claim it lost (another worker reclaimed it while this one
 was paused) is abandoned at once, and fencing (`generation`) stops any write that races that.
 Requests of dead workers are reclaimed after `reclaim_idle_ms`; one delivered more than
-`max_deliveries` times is dead-lettered and its session told so. On a graceful stop, running
-requests are handed back for immediate reclaim by the other workers.
+`max_deliveries` times is dead-lettered and its session told so. A graceful stop drains
+(`drain`: no new requests, running ones may finish until the shutdown deadline), then hands
+what still runs back for immediate reclaim by the other workers.
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import Fenced, MalformedEntry
 from bridge.generation import Generation
+from bridge.modes import Modes
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter
 from bridge.settings import Settings
-from bridge.streams.cancel import CancelListener
 from bridge.streams.consumer import Delivery, WorkQueue
-from bridge.streams.jobs import decode_job
+from bridge.streams.jobs import GenerationJob, decode_job
 from bridge.streams.keys import Keys
 from bridge.streams.processor import DEFAULT_PROCESSORS, Processor, ProcessorChain
 from bridge.streams.producer import StreamProducer
@@ -79,6 +82,9 @@ class Worker:
         providers: ProviderRegistry,
         name: str | None = None,
         processors: Iterable[Processor] = DEFAULT_PROCESSORS,
+        modes: Modes | None = None,
+        stream: str | None = None,
+        decode: Callable[[Delivery], GenerationJob] | None = None,
     ) -> None:
         self.name = name or worker_name()
         self._redis = redis
@@ -86,13 +92,21 @@ class Worker:
         self._settings = settings
         self._providers = providers
         self._chain = ProcessorChain(processors)
-        self.queue = WorkQueue(redis, reader, keys, settings, self.name)
-        self.cancels = CancelListener(redis, keys, self.cancel)
+        # `stream` and `decode`: serve another request stream (seed 000) with this same loop
+        dead_letters = f"{stream}:dead" if stream else None
+        self.queue = WorkQueue(
+            redis, reader, keys, settings, self.name, stream=stream, dead_letters=dead_letters
+        )
+        self._decode = decode or (lambda delivery: decode_job(delivery.fields))
+        # cancels need `modes.cancels`: one CancelWatch per process, run by the Runtime
+        self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
+        self._limits = RateLimiter(redis, keys, settings)
         self._active: dict[str, asyncio.Task[None]] = {}  # request-stream entry id -> task
-        self._generations: dict[str, Generation] = {}  # request id -> its generation
         self._capacity = asyncio.Event()
         self._capacity.set()
+        self._accepting = asyncio.Event()  # cleared by drain(): read no more requests
+        self._accepting.set()
         self.started_at = time.time()
         self.completed = 0
         self.malformed = 0
@@ -105,13 +119,6 @@ class Worker:
     def active(self) -> int:
         return len(self._active)
 
-    def cancel(self, request_id: str) -> None:
-        """Abort the generation of `request_id` if it runs here (the cancel channel's callback)."""
-        generation = self._generations.get(request_id)
-        if generation is not None:
-            log.info("generation_cancel_requested", request_id=request_id)
-            generation.cancel()
-
     async def run(self) -> None:
         """Serve requests until cancelled; running ones are then handed back for reclaim."""
         await self.queue.ensure_group()
@@ -120,7 +127,6 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="worker-maintenance"),
             asyncio.create_task(self.queue.run_acks(), name="worker-acks"),
-            asyncio.create_task(self.cancels.run(), name="worker-cancels"),
         ]
         try:
             await self._read_loop()
@@ -134,11 +140,29 @@ class Worker:
                 await self.queue.release(running)
                 await self._redis.zrem(self._keys.workers, self.name)
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting.is_set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests; wait up to `timeout_s` for the running generations to end.
+
+        Returns how many still run. Cancelling `run()` then hands those back (`release`):
+        they stay pending in the consumer group, and another worker reclaims them at once.
+        """
+        self._accepting.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._active and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._active.values()), timeout=left)
+        return len(self._active)
+
     async def _read_loop(self) -> None:
         backoff = Backoff()
         while True:
             raise_if_cancelling()
             await self._capacity.wait()
+            await self._accepting.wait()
             try:
                 free = self._settings.worker_concurrency - len(self._active)
                 deliveries = await self.queue.read(free, block_ms=self._settings.fanout_block_ms)
@@ -151,14 +175,13 @@ class Worker:
                 self._start(delivery)
 
     async def _maintenance_loop(self) -> None:
-        """Renew running requests, apply missed cancels, reclaim dead workers' requests, trim."""
+        """Renew running requests, reclaim dead workers' requests, trim the request stream."""
         interval = max(self._settings.reclaim_idle_ms / 3000.0, 0.05)
         while True:
             raise_if_cancelling()
             await asyncio.sleep(interval)
             try:
                 await self._renew()
-                await self._apply_cancel_flags()
                 await self._reclaim()
                 await self.queue.trim()
             except (RedisError, OSError) as exc:
@@ -170,29 +193,18 @@ class Worker:
             if task is not None:
                 self.lost += 1
                 log.warning("generation_lost", entry=entry_id)
+                metrics.GENERATIONS.labels("taken_over").inc()
                 task.cancel()
 
-    async def _apply_cancel_flags(self) -> None:
-        """A backstop for cancel messages missed while the subscription was down."""
-        generations = list(self._generations.values())
-        if not generations:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for generation in generations:
-                pipe.hget(self._keys.generation(generation.job.request_id), "cancel")
-            flags = await pipe.execute()
-        for generation, flag in zip(generations, flags, strict=True):
-            if flag and not generation.cancel_requested:
-                generation.cancel()
-
     async def _reclaim(self) -> None:
-        while len(self._active) < self._settings.worker_concurrency:
+        while self.accepting and len(self._active) < self._settings.worker_concurrency:
             for delivery in await self.queue.reclaim():
                 log.info(
                     "request_reclaimed",
                     entry=delivery.entry_id,
                     times_delivered=delivery.times_delivered,
                 )
+                metrics.REQUESTS_RECLAIMED.inc()
                 self._start(delivery)
             if self.queue.reclaim_scan_done:
                 return
@@ -219,9 +231,10 @@ class Worker:
 
     async def _serve(self, delivery: Delivery) -> None:
         try:
-            job = decode_job(delivery.fields)
+            job = self._decode(delivery)
         except MalformedEntry as exc:
             self.malformed += 1
+            metrics.MALFORMED_ENTRIES.labels("worker").inc()
             log.warning("malformed_request_skipped", entry=delivery.entry_id, error=str(exc))
             with contextlib.suppress(RedisError, OSError):  # else it is reclaimed and retried
                 await self.queue.dead_letter(delivery, "malformed")
@@ -235,30 +248,37 @@ class Worker:
             producer=self._producer,
             providers=self._providers,
             chain=self._chain,
+            modes=self._modes,
+            limits=self._limits,
         )
-        self._generations[job.request_id] = generation
         structlog.contextvars.bind_contextvars(request_id=job.request_id, session_id=job.session_id)
         try:
-            await self._execute(delivery, generation)
+            await self._execute(delivery, generation, job)
         except Fenced as exc:
             self.fenced += 1
             log.warning("generation_fenced", error=str(exc))  # the new owner acknowledges
+            metrics.GENERATIONS.labels("taken_over").inc()
         except (RedisError, OSError) as exc:
             log.warning("generation_interrupted", error=str(exc))  # stays pending: reclaimed
+            metrics.GENERATIONS.labels("interrupted").inc()
         except Exception:
             # Left pending: reclaimed and retried, then dead-lettered after max_deliveries.
             self.failed += 1
             log.exception("generation_failed", entry=delivery.entry_id)
-        finally:
-            if self._generations.get(job.request_id) is generation:
-                del self._generations[job.request_id]
 
-    async def _execute(self, delivery: Delivery, generation: Generation) -> None:
+    async def _execute(
+        self, delivery: Delivery, generation: Generation, job: GenerationJob
+    ) -> None:
+        # The mode's `settled` step also runs when a redelivered request finds its terminal
+        # event already stored (its effects are idempotent).
         if delivery.times_delivered > self._settings.max_deliveries:
             if await generation.give_up(delivery.times_delivered - 1):
+                await self._modes.settled(job)
                 self.dead_lettered += 1
                 await self.queue.dead_letter(delivery, "max_deliveries")
                 return
-        elif await generation.run() is not None:
+        elif (kind := await generation.run()) is not None:
             self.completed += 1
+            metrics.GENERATIONS.labels(kind.value).inc()
+        await self._modes.settled(job)
         self.queue.ack(delivery.entry_id)

@@ -16,7 +16,7 @@ from bridge.generation import CLAIM_SCRIPT
 from bridge.providers.base import Message
 from bridge.redis_select import make_client
 from bridge.settings import Settings
-from bridge.streams.cancel import Canceller, CancelListener
+from bridge.streams.cancel import CancelWatch, cancel_session
 from bridge.streams.codec import EventType, StreamEvent, now_ms
 from bridge.streams.consumer import WorkQueue
 from bridge.streams.jobs import GenerationJob, decode_job, encode_job, enqueue
@@ -322,25 +322,25 @@ async def test_a_cancel_flags_the_generation_and_tells_the_workers(
     redis: aioredis.Redis, keys: Keys, settings: Settings
 ) -> None:
     """Cancel flags queued or running generations of the session (matching the filters),
-    publishes their ids, and reports the ones that had already ended."""
-    heard: asyncio.Queue[str] = asyncio.Queue()
-    listener = CancelListener(redis, keys, heard.put_nowait)
-    task = asyncio.create_task(listener.run())
+    wakes the process running them, and reports the ones that had already ended."""
+    watch = CancelWatch(redis, keys)
+    task = asyncio.create_task(watch.watch())
     try:
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(watch.ready.wait(), 10)
         running, other_model, ended = job(), job(model="other"), job()
         for j in (running, other_model, ended):
             await enqueue(redis, keys, settings, j)
         await claim(redis, keys, running)
         await redis.hset(keys.generation(ended.request_id), "status", "complete")
-        outcome = await Canceller(redis, keys).cancel("s1", model="mock")
+        work = asyncio.create_task(watch.run(running.request_id, asyncio.Event().wait()))
+        outcome = await cancel_session(redis, keys, "s1", model="mock")
         assert [t.request_id for t in outcome.cancelling] == [running.request_id]
         assert outcome.cancelling[0].status == "running"
         assert [(t.request_id, t.status) for t in outcome.ended] == [(ended.request_id, "complete")]
-        assert await asyncio.wait_for(heard.get(), 10) == running.request_id
+        assert await asyncio.wait_for(work, 10) is None  # stopped by the cancel
         assert await redis.hget(keys.generation(running.request_id), "cancel") == b"1"
         assert await redis.hget(keys.generation(other_model.request_id), "cancel") is None
-        nothing = await Canceller(redis, keys).cancel("another-session")
+        nothing = await cancel_session(redis, keys, "another-session")
         assert nothing.cancelling == nothing.ended == []
     finally:
         task.cancel()

@@ -51,14 +51,16 @@ def test_count_tokens_counts_only_tokens() -> None:
     assert context.tokens == 1
 
 
-def test_log_events_logs_seams_and_ends_at_info() -> None:
-    """Tokens are logged at debug level, seams and terminal events at info."""
+def test_log_events_logs_seams_at_info() -> None:
+    """Seams are logged at info level; tokens and terminal events at debug."""
     with capture_logs() as logs:
         log_events(ctx(), event(EventType.TOKEN, 1, "a"))
         log_events(ctx(), event(EventType.SEAM, 2))
+        log_events(ctx(), event(EventType.COMPLETE, 3))
     assert [(entry["event"], entry["log_level"]) for entry in logs] == [
         ("token", "debug"),
         ("event_seam", "info"),
+        ("event_complete", "debug"),
     ]
 
 

@@ -35,6 +35,7 @@ class GenerationParams(
     mock_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
     mock_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     mock_fail_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    mock_invalid_outputs: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
 
     def for_provider(self) -> dict[str, Any]:
         """The options that are set, under the snake_case names providers use."""

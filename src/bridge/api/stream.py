@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
+import structlog
 from litestar import Request, get
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, QueryParameter
 from litestar.response.base import ASGIResponse
 from redis.exceptions import RedisError
 
+from bridge.api.observability import STREAMING
+from bridge.auth import bearer
 from bridge.connections.sse import SSEResponse, closed_stream
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.runtime import Runtime
@@ -22,12 +25,7 @@ TOKEN_COOKIE = "bridge_stream_token"
 
 def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> str | None:
     """The token from the query (EventSource), an `Authorization: Bearer` header, or a cookie."""
-    if query_token:
-        return query_token
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    return request.cookies.get(TOKEN_COOKIE)
+    return query_token or bearer(request) or request.cookies.get(TOKEN_COOKIE)
 
 
 @get(
@@ -35,34 +33,41 @@ def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> st
     media_type="text/event-stream",
     summary="Stream a session's events (Server-Sent Events)",
     tags=["chat"],
+    opt={"auth": "stream_token", STREAMING: True},
 )
 async def sse_stream(
     session_id: str,
     request: Request[Any, Any, Any],
     runtime: Runtime,
     token: str | None = None,
-    last_event_id: str | None = Parameter(query="last_event_id", default=None),
+    last_event_id: Annotated[str | None, QueryParameter(name="last_event_id")] = None,
+    last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
 ) -> ASGIResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
     The cursor comes from the `Last-Event-ID` header (EventSource sends it on reconnect) or
     the `last_event_id` query parameter. Without one, the whole retained stream is replayed.
-    While Redis is away the stream ends at once with a `reconnect` event (EventSource
-    retries), never a 5xx (after which EventSource would give up).
+    A process that is shutting down, or that cannot reach Redis, answers with only a
+    `reconnect` event, never an error status: EventSource gives up for good on those, but
+    reconnects (elsewhere, or once Redis is back) after a stream ends.
     """
     session = check_id("sessionId", session_id)
     runtime.tokens.verify(session, stream_token(request, token))
-    cursor = parse_cursor(request.headers.get("last-event-id") or last_event_id or "")
+    cursor = parse_cursor(last_event_id_header or last_event_id or "")
     if runtime.stopping:
-        from litestar.exceptions import ServiceUnavailableException
-
-        raise ServiceUnavailableException("this process is shutting down")
+        return closed_stream(CloseReason.SHUTDOWN, runtime.settings.sse_retry_ms)
+    client = request.client
     try:
         if not await runtime.watch.available():
             raise RedisUnavailable("Redis is away")
-        sub = await runtime.manager.connect(session, cursor)
+        sub = await runtime.manager.connect(
+            session, cursor, address=client.host if client else None
+        )
     except (RedisUnavailable, RedisError, OSError):
         return closed_stream(CloseReason.REDIS_UNAVAILABLE, runtime.settings.sse_retry_ms)
+    structlog.contextvars.bind_contextvars(session_id=session, connection_id=sub.id)
+    if runtime.stopping:  # shutdown began while connecting: end at once with `reconnect`
+        sub.close(CloseReason.SHUTDOWN)
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,

@@ -16,8 +16,9 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
 from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.errors import CloseReason
-from bridge.streams.codec import Cursor, format_entry_id, sse_frame
+from bridge.streams.codec import Cursor, EventType, format_entry_id, sse_frame
 from bridge.streams.history import Gap
 
 from .manager import ConnectionManager
@@ -64,13 +65,16 @@ def closed_stream(reason: CloseReason, retry_ms: int) -> ASGIResponse:
     )
 
 
-def encode_batch(sub: Subscriber, batch: list[Envelope]) -> bytes:
-    """SSE frames of the envelopes this connection has not sent yet."""
+def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[float]]:
+    """SSE frames of the envelopes not sent yet, and the producer timestamps of their tokens."""
     out = []
+    token_ts = []
     for env in batch:
         if sub.accept(env.model, env.entry_id):
             out.append(sse_frame(env.event.type.value, env.sse_data, sub.cursor_text))
-    return b"".join(out)
+            if env.event.type is EventType.TOKEN:
+                token_ts.append(env.event.ts)
+    return b"".join(out), token_ts
 
 
 class SSEResponse(ASGIResponse):
@@ -126,9 +130,10 @@ class SSEResponse(ASGIResponse):
                     self._sub.cursor.pop(item.model, None)
                 await _body(send, gap_frame(item))
             else:
-                chunk = encode_batch(self._sub, item)
+                chunk, token_ts = encode_batch(self._sub, item)
                 if chunk:
                     await _body(send, chunk)
+                    metrics.SSE.delivered(token_ts, live=False)
 
     async def _write(self, send: Send) -> None:
         # Flush the headers with a first comment so proxies and browsers see the stream open.
@@ -141,9 +146,10 @@ class SSEResponse(ASGIResponse):
                 self._sub.close(CloseReason.REDIS_UNAVAILABLE)
             while True:
                 batch = await self._sub.next_batch(self._heartbeat_s)
-                chunk = encode_batch(self._sub, batch) if batch else b": ping\n\n"
+                chunk, token_ts = encode_batch(self._sub, batch) if batch else (b": ping\n\n", [])
                 if chunk:
                     await _body(send, chunk)
+                    metrics.SSE.delivered(token_ts)
         except Closed as closed:
             if closed.reason is not CloseReason.CLIENT_GONE:
                 log.info("sse_closed", connection_id=self._sub.id, reason=closed.reason.value)

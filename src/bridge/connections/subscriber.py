@@ -58,6 +58,8 @@ class Subscriber:
         self._queue: deque[Envelope] = deque()
         self._queue_size = queue_size
         self._ready = asyncio.Event()
+        # when the writer last asked for more: a writer stuck in send() stops asking
+        self.last_progress = time.monotonic()
         self.on_close: Callable[[CloseReason], None] | None = None
 
     def offer(self, envelopes: list[Envelope]) -> bool:
@@ -82,6 +84,7 @@ class Subscriber:
 
     async def next_batch(self, wait_s: float) -> list[Envelope]:
         """Everything queued, waiting up to `wait_s` seconds (empty list on timeout)."""
+        self.last_progress = time.monotonic()
         if not self._queue and self.closed is None:
             self._ready.clear()
             try:

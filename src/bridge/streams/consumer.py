@@ -22,6 +22,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.settings import Settings
 from bridge.streams.codec import format_entry_id, parse_entry_id
@@ -60,10 +61,23 @@ class Delivery(msgspec.Struct):
 class WorkQueue:
     """This worker's handle on the request stream's consumer group."""
 
-    def __init__(self, redis: Redis, reader: Redis, keys: Keys, settings: Settings, name: str):
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        keys: Keys,
+        settings: Settings,
+        name: str,
+        *,
+        stream: str | None = None,
+        dead_letters: str | None = None,
+    ):
         self._redis = redis
         self._reader = reader  # a dedicated connection for the blocking read
         self._keys = keys
+        # the chat request stream by default; the seed request streams reuse this class
+        self.stream = stream or keys.requests
+        self.dead_letters = dead_letters or keys.dead_letters
         self._settings = settings
         self.name = name
         self._reclaim_cursor = "0-0"
@@ -76,7 +90,7 @@ class WorkQueue:
         """Create the group at id 0 (so requests queued before any worker are served)."""
         try:
             await self._redis.xgroup_create(
-                self._keys.requests, self._keys.worker_group, id="0", mkstream=True
+                self.stream, self._keys.worker_group, id="0", mkstream=True
             )
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
@@ -88,14 +102,14 @@ class WorkQueue:
             result: Any = await self._reader.xreadgroup(
                 self._keys.worker_group,
                 self.name,
-                {self._keys.requests: ">"},
+                {self.stream: ">"},
                 count=count,
                 block=block_ms,
             )
         except ResponseError as exc:
             if not _no_group(exc):
                 raise
-            log.warning("worker_group_missing", stream=self._keys.requests)
+            log.warning("worker_group_missing", stream=self.stream)
             await self.ensure_group()
             return []
         deliveries = []
@@ -109,7 +123,7 @@ class WorkQueue:
         """Take over requests whose worker has been idle for `reclaim_idle_ms` (one scan step)."""
         try:
             cursor, claimed, _deleted = await self._redis.xautoclaim(
-                self._keys.requests,
+                self.stream,
                 self._keys.worker_group,
                 self.name,
                 min_idle_time=self._settings.reclaim_idle_ms,
@@ -127,9 +141,7 @@ class WorkQueue:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry_id, _ in entries:
-                pipe.xpending_range(
-                    self._keys.requests, self._keys.worker_group, entry_id, entry_id, 1
-                )
+                pipe.xpending_range(self.stream, self._keys.worker_group, entry_id, entry_id, 1)
             pending = await pipe.execute()
         deliveries = []
         for (entry_id, fields), info in zip(entries, pending, strict=True):
@@ -155,7 +167,7 @@ class WorkQueue:
         if not ids:
             return []
         lost: list[bytes] = await self._idle_script(
-            keys=[self._keys.requests], args=[self._keys.worker_group, self.name, idle_ms, *ids]
+            keys=[self.stream], args=[self._keys.worker_group, self.name, idle_ms, *ids]
         )
         return [entry_id.decode() for entry_id in lost]
 
@@ -184,7 +196,7 @@ class WorkQueue:
         if not batch:
             return
         try:
-            await self._redis.xack(self._keys.requests, self._keys.worker_group, *batch)
+            await self._redis.xack(self.stream, self._keys.worker_group, *batch)
         except BaseException:
             self._acks[:0] = batch  # retried on the next flush; XACK is idempotent
             self._ack_ready.set()
@@ -197,8 +209,8 @@ class WorkQueue:
         acknowledged; the others are pending or not read yet, and are kept.
         """
         try:
-            groups: Any = await self._redis.xinfo_groups(self._keys.requests)
-            pending: Any = await self._redis.xpending(self._keys.requests, self._keys.worker_group)
+            groups: Any = await self._redis.xinfo_groups(self.stream)
+            pending: Any = await self._redis.xpending(self.stream, self._keys.worker_group)
         except ResponseError:
             return 0  # no stream or no group yet: nothing to trim
         group = next((g for g in groups if g["name"].decode() == self._keys.worker_group), None)
@@ -209,7 +221,7 @@ class WorkQueue:
         if pending["pending"]:
             keep_from = min(keep_from, parse_entry_id(pending["min"]))
         trimmed: int = await self._redis.xtrim(
-            self._keys.requests, minid=format_entry_id(keep_from), approximate=False
+            self.stream, minid=format_entry_id(keep_from), approximate=False
         )
         self.trimmed += trimmed
         return trimmed
@@ -225,7 +237,8 @@ class WorkQueue:
             }
         )
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._keys.dead_letters, fields, maxlen=10_000, approximate=True)
-            pipe.xack(self._keys.requests, self._keys.worker_group, delivery.entry_id)
+            pipe.xadd(self.dead_letters, fields, maxlen=10_000, approximate=True)
+            pipe.xack(self.stream, self._keys.worker_group, delivery.entry_id)
             await pipe.execute()
         log.warning("request_dead_lettered", entry=delivery.entry_id, reason=reason)
+        metrics.REQUESTS_DEAD_LETTERED.labels(reason).inc()

@@ -9,10 +9,11 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from bridge import metrics
 from bridge.connections.subscriber import Envelope
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import Cursor, EntryId, format_entry_id, from_fields, parse_entry_id
-from bridge.streams.keys import Keys
+from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.history")
 
@@ -41,7 +42,7 @@ class HistoryStats:
 async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
     """Models that have had a generation in `session` (from its index stream)."""
     entries: Any = await redis.xrange(keys.session_index(session))
-    return {fields[b"m"].decode() for _, fields in entries if b"m" in fields}
+    return {model for _, fields in entries if (model := indexed_model(fields))}
 
 
 async def replay(
@@ -113,6 +114,7 @@ async def _pages(
                 batch.append(Envelope(model, parse_entry_id(raw_id), from_fields(fields)))
             except MalformedEntry as exc:
                 stats.malformed += 1
+                metrics.MALFORMED_ENTRIES.labels("history").inc()
                 log.warning("malformed_entry_skipped", model=model, entry=raw_id, error=str(exc))
         if batch:
             yield batch

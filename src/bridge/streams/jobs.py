@@ -14,8 +14,21 @@ from bridge.streams.codec import now_ms
 from bridge.streams.keys import Keys, check_id
 
 
+class Fallback(msgspec.Struct, frozen=True):
+    """Another model to try when the one before it fails without writing a token."""
+
+    model_id: str
+    messages: tuple[Message, ...]
+    params: dict[str, Any] = {}
+
+
 class GenerationJob(msgspec.Struct, frozen=True):
-    """One generation request, as stored in the request stream."""
+    """One generation request, as stored in the request stream.
+
+    `mode` names how a worker runs it (see `bridge.modes`): plain `chat` by default, or a
+    mode of the seed systems (structured output, micro-batching, request-stream replies);
+    `meta` holds what that mode needs.
+    """
 
     request_id: str
     session_id: str
@@ -23,6 +36,10 @@ class GenerationJob(msgspec.Struct, frozen=True):
     messages: tuple[Message, ...]
     params: dict[str, Any] = {}
     created_ms: float = 0.0
+    tenant: str = ""  # whom limits and usage are charged to (bridge.auth.principal)
+    mode: str = "chat"
+    meta: dict[str, str] = {}
+    fallbacks: tuple[Fallback, ...] = ()
 
 
 _encode = msgspec.json.Encoder().encode

@@ -57,11 +57,12 @@ def count_tokens(ctx: GenerationContext, event: StreamEvent) -> StreamEvent:
 
 
 def log_events(ctx: GenerationContext, event: StreamEvent) -> StreamEvent:
-    """Log seams and terminal events at info level, tokens at debug level."""
+    """Log seams at info level; tokens and terminal events at debug level (the worker logs
+    one `generation_finished` line per generation)."""
     if event.type is EventType.TOKEN:
         log.debug("token", request_id=ctx.request_id, seq=event.seq)
     else:
-        log.info(
+        (log.debug if event.terminal else log.info)(
             f"event_{event.type.value}",
             request_id=ctx.request_id,
             session_id=ctx.session,

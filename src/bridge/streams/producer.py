@@ -1,7 +1,8 @@
 """Stream producer: appends the events of one generation to its token stream.
 
 Every append goes through one Lua script, so these checks are atomic with the write:
-- fencing: the generation's `epoch` must still be the writer's (a stale worker gets `Fenced`);
+- fencing: the generation's `epoch` must still be the writer's (a stale worker gets `Fenced`;
+  a retried batch that is already stored, terminal event included, is a no-op);
 - idempotency: entries whose sequence is not above the stored one are skipped, so a retried
   call whose first attempt did reach Redis writes nothing twice;
 - accounting: token counts are added in the same step, so usage equals tokens written;
@@ -43,11 +44,19 @@ local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('FENCED owner epoch is ' .. tostring(epoch))
 end
+local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local status = redis.call('HGET', KEYS[2], 'status')
 if status == 'complete' or status == 'error' or status == 'cancelled' then
+  local newest, j = 0, 8
+  for _ = 1, tonumber(ARGV[7]) do
+    newest = math.max(newest, tonumber(ARGV[j]))
+    j = j + 3 + tonumber(ARGV[j + 2])
+  end
+  if newest <= last_seq then
+    return {last_seq, 0}  -- a retry of a batch that is already stored: nothing to do
+  end
   return redis.error_reply('FENCED generation already ended: ' .. status)
 end
-local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local limit = tonumber(ARGV[6])
 local used = 0
 if limit > 0 then used = tonumber(redis.call('HGET', KEYS[3], '*') or '0') end
@@ -80,12 +89,10 @@ if tokens > 0 then
 end
 if ARGV[5] ~= '' and limited == 0 then
   redis.call('HSET', KEYS[2], 'status', ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
-elseif redis.call('TTL', KEYS[1]) < tonumber(ARGV[3]) then
-  -- an earlier generation's end set a short TTL: keep the stream while this one runs
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
+-- Always: while a generation runs this also raises a short TTL an earlier one's end set.
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {last_seq, limited}
 """
 
@@ -186,6 +193,11 @@ class GenerationWriter:
         self.retries = 0
         self._pending: list[StreamEvent] = []
         self._flushing: asyncio.Task[None] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this writer emitted (counted by the chain's `count_tokens`)."""
+        return self.ctx.tokens
 
     async def token(self, text: str) -> None:
         """Queue one token for appending."""
