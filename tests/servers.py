@@ -123,7 +123,8 @@ class StreamReader:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # a connection its server broke has ended already; wait_for reports that
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await self._task
 
     async def _run(self) -> None:
@@ -157,6 +158,13 @@ class StreamReader:
         except TimeoutError:
             raise TimeoutError(f"condition not met; saw {self.summary()}") from None
         return self.events
+
+    async def wait_closed(self, timeout: float = 20.0) -> None:
+        """Wait until the server ends the connection (or it breaks); no error either way."""
+        assert self._task is not None
+        async with asyncio.timeout(timeout):
+            with contextlib.suppress(httpx.HTTPError):
+                await asyncio.shield(self._task)
 
     async def wait_terminal(self, count: int = 1, timeout: float = 20.0) -> list[SSEEvent]:
         return await self.wait_for(lambda evs: terminals(evs) >= count, timeout)

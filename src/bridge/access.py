@@ -36,7 +36,8 @@ class StreamTokens:
         if not token:
             raise AccessDenied("a stream token is required", status_code=401)
         expiry_text, _, signature = token.partition(".")
-        if not expiry_text.isdigit() or len(expiry_text) > 12 or not signature:
+        well_formed = expiry_text.isascii() and expiry_text.isdigit() and len(expiry_text) <= 12
+        if not well_formed or not signature or not signature.isascii():
             raise AccessDenied("invalid stream token")
         expiry = int(expiry_text)
         valid = False

@@ -68,7 +68,7 @@ async def follow(
                     return 1
                 async for chunk in response.aiter_raw():
                     for event in parser.feed(chunk):
-                        last_event_id = parser.last_event_id or last_event_id
+                        last_event_id = event.id or last_event_id
                         payload: dict[str, Any] = json.loads(event.data)
                         if request_id is None and "requestId" in payload:
                             request_id = payload["requestId"]

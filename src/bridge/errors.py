@@ -5,9 +5,11 @@
     ├── RedisUnavailable       Redis could not be reached or chosen
     ├── BadRequest             client input rejected before anything touches Redis
     │   └── UnknownModel       the model id is not configured (names the known ones)
-    ├── AccessDenied           a stream token is missing, expired, tampered or for another session
+    ├── AccessDenied           a stream token or API key is missing, expired, tampered or wrong
+    ├── RateLimited            a rate limit, quota or connection limit is reached (429)
     ├── MalformedEntry         a stream entry that does not decode (skipped, never fatal)
     ├── Fenced                 this worker no longer owns the generation it tried to append to
+    ├── GenerationStopped      a processor or a limit ended the generation (an `error` event)
     └── ProviderError          an upstream LLM call failed; `code` is what the client sees
         ├── ProviderTimeout
         └── ProviderUnavailable
@@ -18,6 +20,7 @@ Third-party errors (httpx, redis) are mapped to these at the boundary where they
 from __future__ import annotations
 
 import enum
+import math
 
 
 class BridgeError(Exception):
@@ -54,12 +57,22 @@ class UnknownModel(BadRequest):
 
 
 class AccessDenied(BridgeError):
-    """A stream read without a valid token for that session (401 missing, 403 otherwise)."""
+    """A request without valid credentials: 401 missing (or unknown API key), 403 otherwise."""
 
     def __init__(self, detail: str, *, status_code: int = 403) -> None:
         super().__init__(detail)
         self.detail = detail
         self.status_code = status_code
+
+
+class RateLimited(BridgeError):
+    """A limit is reached: `limit` names it, `retry_after_s` says when to try again."""
+
+    def __init__(self, limit: str, retry_after_s: float, detail: str | None = None) -> None:
+        self.limit = limit
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        self.detail = detail or f"{limit} reached; retry in {self.retry_after_s} s"
+        super().__init__(self.detail)
 
 
 class MalformedEntry(BridgeError):
@@ -68,6 +81,15 @@ class MalformedEntry(BridgeError):
 
 class Fenced(BridgeError):
     """The generation was taken over by another worker; this one must stop writing."""
+
+
+class GenerationStopped(BridgeError):
+    """A processor or the session token limit ended a generation; `code` is what clients see."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 class ProviderError(BridgeError):
@@ -104,3 +126,4 @@ class CloseReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # this process is stopping; reconnect elsewhere
     REDIS_UNAVAILABLE = "redis_unavailable"  # Redis went away; reconnect to retry
     CLIENT_GONE = "client_gone"  # the client disconnected (never sent: it is gone)
+    STALLED = "stalled"  # no write completed for too long: the client stopped reading

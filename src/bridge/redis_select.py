@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.errors import ConfigError, RedisUnavailable
+from bridge.redis_metrics import ObservedRedis
 from bridge.redis_server import EmbeddedRedis
 from bridge.settings import Settings
 
@@ -102,7 +103,7 @@ def make_client(
         )
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
-    return aioredis.Redis.from_pool(pool)
+    return ObservedRedis.from_pool(pool)
 
 
 def redact_url(url: str) -> str:

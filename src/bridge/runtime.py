@@ -5,58 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 
+from bridge import metrics
 from bridge.access import StreamTokens
+from bridge.batching.batcher import Batcher
 from bridge.connections.manager import ConnectionManager
 from bridge.errors import CloseReason, RedisUnavailable
+from bridge.health import HealthMonitor
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter
 from bridge.redis_select import RedisChoice, make_client, select_redis
+from bridge.redis_watch import RedisWatch
+from bridge.seeds import seed_streams, worker_modes
 from bridge.settings import Settings
+from bridge.streams.cancel import CancelWatch
 from bridge.streams.fanout import FanoutReader
+from bridge.streams.history import HistoryStats
 from bridge.streams.keys import Keys
+from bridge.streams.seed_requests import SeedRequestDecoder
+from bridge.supervisor import BackgroundTask
 from bridge.worker import Worker
 
 log = structlog.get_logger("bridge.runtime")
-
-
-class BackgroundTask:
-    """A long-running coroutine that is restarted with capped backoff if it crashes."""
-
-    def __init__(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.name = name
-        self._factory = factory
-        self.restarts = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name=self.name)
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._factory()
-                return
-            except Exception:
-                self.restarts += 1
-                log.exception("background_task_crashed", task=self.name, restarts=self.restarts)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class Runtime:
@@ -78,7 +53,19 @@ class Runtime:
         self.redis = redis
         self.tokens = tokens
         self.providers = ProviderRegistry.from_settings(settings)
-        self.manager = ConnectionManager(queue_size=settings.send_queue_size)
+        self.limits = RateLimiter(redis, self.keys, settings)
+        self.manager = ConnectionManager(
+            queue_size=settings.send_queue_size,
+            max_per_session=settings.max_sse_per_session,
+            max_per_address=settings.max_sse_per_address,
+        )
+        self.history_stats = HistoryStats()
+        self.watch = RedisWatch(
+            redis,
+            interval_s=settings.redis_watch_s,
+            timeout_s=max(settings.redis_watch_s, 1.0),
+            on_down=self._redis_down,
+        )
         blocking_timeout = settings.fanout_block_ms / 1000 + settings.redis_timeout_s
         self._blocking_clients: list[Redis] = []
         self.fanout: FanoutReader | None = None
@@ -94,16 +81,51 @@ class Runtime:
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
+        self.batcher: Batcher | None = None
+        self.seed_workers: list[Worker] = []
         if with_worker:
+            cancels = CancelWatch(redis, self.keys)
+            self.batcher = Batcher(settings)
+            modes = worker_modes(redis, self.keys, settings, cancels, self.batcher)
             self.worker = Worker(
                 redis=redis,
                 reader=self._blocking_client(choice.url, blocking_timeout),
                 keys=self.keys,
                 settings=settings,
                 providers=self.providers,
+                modes=modes,
             )
             self.tasks.append(BackgroundTask("worker", self.worker.run))
+            self.tasks.append(BackgroundTask("cancel-watch", cancels.watch))
+            self.tasks.append(BackgroundTask("batcher", self.batcher.run))
+            for kind, stream in seed_streams(settings):
+                seed_worker = Worker(
+                    redis=redis,
+                    reader=self._blocking_client(choice.url, blocking_timeout),
+                    keys=self.keys,
+                    settings=settings,
+                    providers=self.providers,
+                    name=f"{self.worker.name}-{kind}",
+                    modes=modes,
+                    stream=stream,
+                    decode=SeedRequestDecoder(kind, self.providers, settings),
+                )
+                self.seed_workers.append(seed_worker)
+                self.tasks.append(BackgroundTask(f"{kind}-worker", seed_worker.run))
+        if with_api:
+            self.tasks.append(BackgroundTask("redis-watch", self.watch.run))
+        self.monitor = HealthMonitor(self)
+        self.tasks.append(BackgroundTask("health-monitor", self.monitor.run))
         self.stopping = False
+        self._drained: asyncio.Task[int] | None = None
+        roles = (("api", with_api), ("worker", with_worker))
+        metrics.set_build_info("+".join(role for role, on in roles if on))
+
+    def _redis_down(self) -> None:
+        # EventSource reconnects (after `retry:`) to a connection that ends; it resumes from
+        # its Last-Event-ID once Redis answers again.
+        closed = self.manager.close_all(CloseReason.REDIS_UNAVAILABLE)
+        log.warning("connections_closed_redis_down", connections=closed)
 
     def _blocking_client(self, url: str, timeout: float) -> Redis:
         client = make_client(url, self.settings, socket_timeout=timeout)
@@ -136,9 +158,41 @@ class Runtime:
             await redis.aclose()
             await choice.aclose()
 
-    async def _stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Stop taking work, at once: readiness fails, new generations and streams are
+        refused, open streams get a final `reconnect` event and close, and the worker (if
+        any) starts draining. Safe to call more than once."""
+        if self.stopping:
+            return
         self.stopping = True
-        self.manager.close_all(CloseReason.SHUTDOWN)
+        closed = self.manager.close_all(CloseReason.SHUTDOWN)
+        workers = self.workers
+        running = sum(worker.active for worker in workers)
+        if workers:
+            self._drained = asyncio.create_task(self._drain(workers), name="worker-drain")
+        log.info("shutdown_started", connections_closed=closed, generations_running=running)
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every worker of this process: the chat worker and the seed request-stream ones."""
+        return ([self.worker] if self.worker is not None else []) + self.seed_workers
+
+    async def _drain(self, workers: list[Worker]) -> int:
+        timeout = self.settings.shutdown_timeout_s
+        return sum(await asyncio.gather(*(worker.drain(timeout) for worker in workers)))
+
+    async def drained(self) -> None:
+        """Wait until the worker's running generations ended, or the shutdown deadline."""
+        self.begin_shutdown()
+        if self._drained is not None:
+            left = await self._drained
+            self._drained = None
+            if left:
+                log.warning("shutdown_deadline_passed", generations_left_pending=left)
+
+    async def _stop(self) -> None:
+        await self.drained()
+        self.manager.close_all(CloseReason.SHUTDOWN)  # any that opened meanwhile
         for task in reversed(self.tasks):
             await task.stop()
         if self.fanout is not None:

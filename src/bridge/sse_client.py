@@ -23,40 +23,44 @@ class SSEParser:
         self._buffer = b""
         self._data: list[str] = []
         self._event = ""
-        self.last_event_id = ""
+        self._id_buffer = ""
+        self._after_cr = False
+        self._first = True
+        self.last_event_id = ""  # what EventSource would send as Last-Event-ID
         self.retry_ms: int | None = None
         self.comments = 0
-        self._first = True
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse `chunk`; return the events it completed."""
-        self._buffer += chunk
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]  # the LF of a CRLF split across chunks
+        self._after_cr = False
+        buf = self._buffer + chunk
         events: list[SSEEvent] = []
+        start = 0
         while True:
-            line, ending = self._next_line()
-            if line is None:
-                return events
+            lf = buf.find(b"\n", start)
+            cr = buf.find(b"\r", start, lf if lf >= 0 else len(buf))
+            if cr >= 0:
+                end, start_next = cr, cr + 1
+                if cr + 1 < len(buf) and buf[cr + 1] == 0x0A:
+                    start_next += 1
+                elif cr + 1 == len(buf):
+                    self._after_cr = True
+            elif lf >= 0:
+                end, start_next = lf, lf + 1
+            else:
+                break
+            line = buf[start:end].decode("utf-8", "replace")
+            start = start_next
             if self._first:
                 self._first = False
                 line = line.removeprefix("\ufeff")
             event = self._line(line)
             if event is not None:
                 events.append(event)
-            del ending
-
-    def _next_line(self) -> tuple[str | None, bytes]:
-        buf = self._buffer
-        for index, byte in enumerate(buf):
-            if byte == 0x0A:
-                self._buffer = buf[index + 1 :]
-                return buf[:index].decode("utf-8", "replace"), b"\n"
-            if byte == 0x0D:
-                if index + 1 == len(buf):
-                    return None, b""  # wait: this CR may be the first half of CRLF
-                skip = 2 if buf[index + 1] == 0x0A else 1
-                self._buffer = buf[index + skip :]
-                return buf[:index].decode("utf-8", "replace"), b"\r"
-        return None, b""
+        self._buffer = buf[start:]
+        return events
 
     def _line(self, line: str) -> SSEEvent | None:
         if not line:
@@ -73,8 +77,8 @@ class SSEParser:
             self._event = value
         elif name == "id":
             if "\0" not in value:
-                self.last_event_id = value
-        elif name == "retry" and value.isdigit():
+                self._id_buffer = value
+        elif name == "retry" and value.isascii() and value.isdigit():
             self.retry_ms = int(value)
         return None
 
@@ -83,4 +87,5 @@ class SSEParser:
         self._data, self._event = [], ""
         if not data:
             return None
+        self.last_event_id = self._id_buffer
         return SSEEvent(event=event or "message", data="\n".join(data), id=self.last_event_id)

@@ -1,8 +1,12 @@
-"""The generation worker: takes requests from the consumer group and streams answers into Redis.
+"""The generation worker: takes requests from the consumer group and runs their generations.
 
-Ownership of a generation is an `epoch` in its state hash. Claiming a request increments it
-(atomically, in Lua), and every append checks it (see `streams.producer`), so a worker that
-lost its request to a takeover cannot write another entry.
+A request is acknowledged once its generation has a terminal event. While it runs, the worker
+renews its claim; a request whose claim it lost (another worker reclaimed it while this one
+was paused) is abandoned at once, and fencing (`generation`) stops any write that races that.
+Requests of dead workers are reclaimed after `reclaim_idle_ms`; one delivered more than
+`max_deliveries` times is dead-lettered and its session told so. A graceful stop drains
+(`drain`: no new requests, running ones may finish until the shutdown deadline), then hands
+what still runs back for immediate reclaim by the other workers.
 """
 
 from __future__ import annotations
@@ -14,40 +18,28 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import msgspec
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.errors import Fenced, MalformedEntry, ProviderError
-from bridge.providers.base import Delta, ProviderRequest, Usage
+from bridge import metrics
+from bridge.backoff import Backoff, raise_if_cancelling
+from bridge.errors import Fenced, MalformedEntry
+from bridge.generation import Generation
+from bridge.modes import Modes
 from bridge.providers.registry import ProviderRegistry
+from bridge.ratelimit import RateLimiter
 from bridge.settings import Settings
-from bridge.streams.codec import EventType
 from bridge.streams.consumer import Delivery, WorkQueue
 from bridge.streams.jobs import GenerationJob, decode_job
 from bridge.streams.keys import Keys
-from bridge.streams.producer import GenerationWriter, StreamProducer
+from bridge.streams.processor import DEFAULT_PROCESSORS, Processor, ProcessorChain
+from bridge.streams.producer import StreamProducer
 
 log = structlog.get_logger("bridge.worker")
-
-CLAIM_SCRIPT = """
--- KEYS: generation hash. ARGV: worker name, session, model, ttl
--- Returns {epoch, last seq, tokens already written}, or {-1, 0, 0} if it already ended.
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'complete' or status == 'error' or status == 'cancelled' then
-  return {-1, 0, 0}
-end
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1],
-           'session', ARGV[2], 'model', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
-return {epoch, seq, tokens}
-"""
 
 HEARTBEAT_INTERVAL_S = 2.0
 
@@ -73,7 +65,12 @@ def worker_name() -> str:
 
 
 class Worker:
-    """Runs up to `settings.worker_concurrency` generations at once."""
+    """Runs up to `settings.worker_concurrency` generations at once.
+
+    Plain counters, for metrics: `completed`, `malformed` (requests that did not decode),
+    `fenced` (appends refused because another worker owns the generation), `lost` (claims
+    taken over while running), `dead_lettered`, `failed` (unexpected errors).
+    """
 
     def __init__(
         self,
@@ -84,27 +81,46 @@ class Worker:
         settings: Settings,
         providers: ProviderRegistry,
         name: str | None = None,
+        processors: Iterable[Processor] = DEFAULT_PROCESSORS,
+        modes: Modes | None = None,
+        stream: str | None = None,
+        decode: Callable[[Delivery], GenerationJob] | None = None,
     ) -> None:
         self.name = name or worker_name()
         self._redis = redis
         self._keys = keys
         self._settings = settings
         self._providers = providers
-        self.queue = WorkQueue(redis, reader, keys, settings, self.name)
+        self._chain = ProcessorChain(processors)
+        # `stream` and `decode`: serve another request stream (seed 000) with this same loop
+        dead_letters = f"{stream}:dead" if stream else None
+        self.queue = WorkQueue(
+            redis, reader, keys, settings, self.name, stream=stream, dead_letters=dead_letters
+        )
+        self._decode = decode or (lambda delivery: decode_job(delivery.fields))
+        # cancels need `modes.cancels`: one CancelWatch per process, run by the Runtime
+        self._modes = modes or Modes()
         self._producer = StreamProducer(redis, keys, settings)
-        self._claim = redis.register_script(CLAIM_SCRIPT)
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._limits = RateLimiter(redis, keys, settings)
+        self._active: dict[str, asyncio.Task[None]] = {}  # request-stream entry id -> task
         self._capacity = asyncio.Event()
         self._capacity.set()
+        self._accepting = asyncio.Event()  # cleared by drain(): read no more requests
+        self._accepting.set()
         self.started_at = time.time()
         self.completed = 0
+        self.malformed = 0
+        self.fenced = 0
+        self.lost = 0
+        self.dead_lettered = 0
+        self.failed = 0
 
     @property
     def active(self) -> int:
         return len(self._active)
 
     async def run(self) -> None:
-        """Serve requests until cancelled. Running generations are left pending for reclaim."""
+        """Serve requests until cancelled; running ones are then handed back for reclaim."""
         await self.queue.ensure_group()
         log.info("worker_started", worker=self.name)
         helpers = [
@@ -115,54 +131,89 @@ class Worker:
         try:
             await self._read_loop()
         finally:
+            running = list(self._active)
             for task in [*helpers, *self._active.values()]:
                 task.cancel()
             await asyncio.gather(*helpers, *self._active.values(), return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
                 await self.queue.flush_acks()
+                await self.queue.release(running)
                 await self._redis.zrem(self._keys.workers, self.name)
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting.is_set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests; wait up to `timeout_s` for the running generations to end.
+
+        Returns how many still run. Cancelling `run()` then hands those back (`release`):
+        they stay pending in the consumer group, and another worker reclaims them at once.
+        """
+        self._accepting.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._active and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._active.values()), timeout=left)
+        return len(self._active)
+
     async def _read_loop(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
+            raise_if_cancelling()
             await self._capacity.wait()
+            await self._accepting.wait()
             try:
                 free = self._settings.worker_concurrency - len(self._active)
                 deliveries = await self.queue.read(free, block_ms=self._settings.fanout_block_ms)
-                backoff = 0.05
+                backoff.reset()
             except (RedisError, OSError) as exc:
                 log.warning("worker_read_failed", error=str(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
                 continue
             for delivery in deliveries:
                 self._start(delivery)
 
     async def _maintenance_loop(self) -> None:
-        """Renew the claim on running requests, and reclaim those of dead workers."""
+        """Renew running requests, reclaim dead workers' requests, trim the request stream."""
         interval = max(self._settings.reclaim_idle_ms / 3000.0, 0.05)
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(interval)
             try:
-                await self.queue.renew(self._active)
-                while len(self._active) < self._settings.worker_concurrency:
-                    deliveries = await self.queue.reclaim()
-                    for delivery in deliveries:
-                        log.info(
-                            "request_reclaimed",
-                            entry=delivery.entry_id,
-                            times_delivered=delivery.times_delivered,
-                        )
-                        self._start(delivery)
-                    if self.queue.reclaim_scan_done:
-                        break
+                await self._renew()
+                await self._reclaim()
+                await self.queue.trim()
             except (RedisError, OSError) as exc:
                 log.warning("worker_maintenance_failed", error=str(exc))
+
+    async def _renew(self) -> None:
+        for entry_id in await self.queue.renew(list(self._active)):
+            task = self._active.get(entry_id)
+            if task is not None:
+                self.lost += 1
+                log.warning("generation_lost", entry=entry_id)
+                metrics.GENERATIONS.labels("taken_over").inc()
+                task.cancel()
+
+    async def _reclaim(self) -> None:
+        while self.accepting and len(self._active) < self._settings.worker_concurrency:
+            for delivery in await self.queue.reclaim():
+                log.info(
+                    "request_reclaimed",
+                    entry=delivery.entry_id,
+                    times_delivered=delivery.times_delivered,
+                )
+                metrics.REQUESTS_RECLAIMED.inc()
+                self._start(delivery)
+            if self.queue.reclaim_scan_done:
+                return
 
     async def _heartbeat_loop(self) -> None:
         while True:
             with contextlib.suppress(RedisError, OSError):
                 await beat(self._redis, self._keys, self.name, HEARTBEAT_INTERVAL_S * 3)
+            raise_if_cancelling()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _start(self, delivery: Delivery) -> None:
@@ -180,106 +231,54 @@ class Worker:
 
     async def _serve(self, delivery: Delivery) -> None:
         try:
-            job = decode_job(delivery.fields)
+            job = self._decode(delivery)
         except MalformedEntry as exc:
+            self.malformed += 1
+            metrics.MALFORMED_ENTRIES.labels("worker").inc()
             log.warning("malformed_request_skipped", entry=delivery.entry_id, error=str(exc))
-            await self.queue.dead_letter(delivery, "malformed")
+            with contextlib.suppress(RedisError, OSError):  # else it is reclaimed and retried
+                await self.queue.dead_letter(delivery, "malformed")
             return
-        if delivery.times_delivered > self._settings.max_deliveries:
-            await self._give_up(delivery, job)
-            return
+        generation = Generation(
+            job,
+            worker=self.name,
+            redis=self._redis,
+            keys=self._keys,
+            settings=self._settings,
+            producer=self._producer,
+            providers=self._providers,
+            chain=self._chain,
+            modes=self._modes,
+            limits=self._limits,
+        )
         structlog.contextvars.bind_contextvars(request_id=job.request_id, session_id=job.session_id)
         try:
-            if await self._generate(job):
-                self.queue.ack(delivery.entry_id)
+            await self._execute(delivery, generation, job)
         except Fenced as exc:
+            self.fenced += 1
             log.warning("generation_fenced", error=str(exc))  # the new owner acknowledges
+            metrics.GENERATIONS.labels("taken_over").inc()
         except (RedisError, OSError) as exc:
             log.warning("generation_interrupted", error=str(exc))  # stays pending: reclaimed
+            metrics.GENERATIONS.labels("interrupted").inc()
+        except Exception:
+            # Left pending: reclaimed and retried, then dead-lettered after max_deliveries.
+            self.failed += 1
+            log.exception("generation_failed", entry=delivery.entry_id)
 
-    async def _generate(self, job: GenerationJob) -> bool:
-        """Run one generation to its terminal event. False if it had already ended."""
-        ttl = int(self._settings.generation_deadline_s) + self._settings.stream_ttl_s
-        epoch, last_seq, earlier_tokens = await self._claim(
-            keys=[self._keys.generation(job.request_id)],
-            args=[self.name, job.session_id, job.model_id, ttl],
-        )
-        if epoch < 0:
-            return True
-        writer = self._producer.writer(
-            session=job.session_id,
-            model=job.model_id,
-            request_id=job.request_id,
-            epoch=epoch,
-            last_seq=last_seq,
-        )
-        if last_seq > 0:
-            # Taken over from a worker that died: the answer restarts, visibly.
-            await writer.seam({"mode": "restart", "discardedTokens": earlier_tokens})
-        kind, data = await self._run_provider(job, writer)
-        await writer.finish(kind, data)
-        self.completed += 1
-        log.info("generation_finished", outcome=kind.value, tokens=writer.tokens)
-        return True
-
-    async def _run_provider(
-        self, job: GenerationJob, writer: GenerationWriter
-    ) -> tuple[EventType, dict[str, Any]]:
-        usage: Usage | None = None
-        reason = "stop"
-        try:
-            provider, upstream = self._providers.resolve(job.model_id)
-            request = ProviderRequest(upstream, job.messages, job.params)
-            stream = provider.stream(request)
-            try:
-                async with asyncio.timeout(self._settings.generation_deadline_s):
-                    async for item in stream:
-                        if isinstance(item, Delta):
-                            if item.text:
-                                await writer.token(item.text)
-                        else:
-                            reason, usage = item.reason, item.usage
-            finally:
-                # Close the upstream request now, not when the generator is collected.
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        except ProviderError as exc:
-            log.warning("provider_failed", code=exc.code, error=exc.message)
-            return EventType.ERROR, {"code": exc.code, "message": exc.message}
-        except TimeoutError:
-            return EventType.ERROR, {
-                "code": "deadline_exceeded",
-                "message": f"generation exceeded {self._settings.generation_deadline_s:g} s",
-            }
-        if usage is None:
-            prompt = sum(len(m.content.split()) for m in job.messages)
-            usage = Usage(prompt, writer.tokens, prompt + writer.tokens)
-        return EventType.COMPLETE, {
-            "finishReason": reason,
-            "usage": msgspec.to_builtins(usage),
-        }
-
-    async def _give_up(self, delivery: Delivery, job: GenerationJob) -> None:
-        """A request delivered too often: dead-letter it and tell the session why."""
-        ttl = int(self._settings.generation_deadline_s) + self._settings.stream_ttl_s
-        epoch, last_seq, _ = await self._claim(
-            keys=[self._keys.generation(job.request_id)],
-            args=[self.name, job.session_id, job.model_id, ttl],
-        )
-        if epoch > 0:
-            writer = self._producer.writer(
-                session=job.session_id,
-                model=job.model_id,
-                request_id=job.request_id,
-                epoch=epoch,
-                last_seq=last_seq,
-            )
-            await writer.finish(
-                EventType.ERROR,
-                {
-                    "code": "max_deliveries",
-                    "message": f"the request failed {delivery.times_delivered - 1} times",
-                },
-            )
-        await self.queue.dead_letter(delivery, "max_deliveries")
+    async def _execute(
+        self, delivery: Delivery, generation: Generation, job: GenerationJob
+    ) -> None:
+        # The mode's `settled` step also runs when a redelivered request finds its terminal
+        # event already stored (its effects are idempotent).
+        if delivery.times_delivered > self._settings.max_deliveries:
+            if await generation.give_up(delivery.times_delivered - 1):
+                await self._modes.settled(job)
+                self.dead_lettered += 1
+                await self.queue.dead_letter(delivery, "max_deliveries")
+                return
+        elif (kind := await generation.run()) is not None:
+            self.completed += 1
+            metrics.GENERATIONS.labels(kind.value).inc()
+        await self._modes.settled(job)
+        self.queue.ack(delivery.entry_id)

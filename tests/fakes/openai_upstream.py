@@ -51,12 +51,15 @@ class Behaviour:
     done: bool = True  # send `data: [DONE]`
     content: tuple[str, ...] | None = None  # token texts instead of t0, t1, ...
     stamp: bool = False  # token texts `t<i>@<epoch microseconds at write> ` (the benchmark's)
+    pad: int = 0  # pad each default token text with "x" to this many characters
 
     def token(self, index: int) -> str:
         """The text of token `index`."""
         if self.stamp:
             return f"t{index}@{time.time_ns() // 1000} "
-        return self.content[index] if self.content is not None else f"t{index} "
+        if self.content is not None:
+            return self.content[index]
+        return f"t{index} ".ljust(self.pad, "x")
 
 
 def _flag(value: Any) -> bool:
@@ -79,6 +82,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "done": _flag,
     "content": lambda value: tuple(str(item) for item in value),
     "stamp": _flag,
+    "pad": int,
 }
 
 

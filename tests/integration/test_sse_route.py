@@ -1,4 +1,4 @@
-"""The SSE route is a plain ASGI handler: its errors still come out as problem+json."""
+"""The SSE route refuses bad requests with problem+json errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from bridge.api.stream import TOKEN_COOKIE, stream_token
 from tests.servers import BridgeProcess, bridge_env, start_bridge
 
 pytestmark = pytest.mark.integration
@@ -49,8 +48,7 @@ async def wait_live(process: BridgeProcess, timeout: float = 30.0) -> None:
     [
         ("/api/sse/stream/abc", 401, "a stream token is required"),
         ("/api/sse/stream/abc?token=123.bad", 403, "invalid stream token"),
-        ("/api/sse/stream/a/b?token=x", 400, "sessionId must match"),
-        ("/api/sse/stream/", 400, "sessionId must match"),
+        ("/api/sse/stream/bad!id?token=x", 400, "sessionId must match"),
     ],
 )
 async def test_bad_stream_requests_get_problem_details(
@@ -65,17 +63,8 @@ async def test_bad_stream_requests_get_problem_details(
 
 
 async def test_other_methods_are_not_allowed(server: BridgeProcess) -> None:
-    """Only GET reads a stream; anything else is 405 with Allow: GET."""
+    """Only GET reads a stream; anything else is 405 with GET in Allow."""
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http:
         response = await http.post("/api/sse/stream/abc")
     assert response.status_code == 405
-    assert response.headers["allow"] == "GET"
-
-
-def test_the_token_comes_from_query_then_bearer_then_cookie() -> None:
-    """The query token wins, then an Authorization: Bearer header, then the cookie."""
-    cookie = {b"cookie": f"other=1; {TOKEN_COOKIE}=from-cookie"}
-    assert stream_token(cookie, None) == "from-cookie"
-    assert stream_token({**cookie, b"authorization": "Bearer from-header"}, None) == "from-header"
-    assert stream_token({**cookie, b"authorization": "Bearer x"}, "from-query") == "from-query"
-    assert stream_token({b"cookie": 'broken="unterminated'}, None) is None
+    assert "GET" in response.headers["allow"].split(", ")

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 from bridge.errors import ProviderError
@@ -139,3 +140,17 @@ async def test_cancelling_mid_stream_stops_the_generator() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 1)
+
+
+async def test_the_mock_continues_a_partial_answer_given_as_prefix() -> None:
+    """Given the first k tokens as a prefix, the mock streams the rest of the same answer and
+    counts only the new tokens as completion."""
+    provider = MockProvider(tokens=10, delay_ms=0)
+    request = msgspec.structs.replace(_request(), prefix=mock_answer(4))
+    items = await _collect(provider, request)
+    deltas = [item.text for item in items if isinstance(item, Delta)]
+    assert mock_answer(4) + "".join(deltas) == mock_answer(10)
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    assert finish.usage is not None
+    assert finish.usage.completion_tokens == 6

@@ -45,8 +45,8 @@ def test_one_model_connections_share_the_envelope_frame() -> None:
     """For a one-model cursor the frame is the same bytes object for every connection."""
     envelope = _envelope("gpt-4", (1700000000000, 3), seq=4)
     first, second = Subscriber("s", {}, queue_size=10), Subscriber("s", {}, queue_size=10)
-    chunk = encode_batch(first, [envelope])
-    assert chunk == encode_batch(second, [envelope])
+    chunk, _ = encode_batch(first, [envelope])
+    assert chunk == encode_batch(second, [envelope])[0]
     expected_id = format_cursor({"gpt-4": (1700000000000, 3)})
     assert chunk == sse_frame("token", envelope.sse_data, expected_id)
     assert envelope.frame is envelope.frame
@@ -56,6 +56,6 @@ def test_a_two_model_cursor_gets_its_own_id_line() -> None:
     """A connection that follows two models sends both positions in each event's id."""
     sub = Subscriber("s", {"claude": (5, 0)}, queue_size=10)
     envelope = _envelope("gpt-4", (7, 1))
-    chunk = encode_batch(sub, [envelope])
+    chunk, _ = encode_batch(sub, [envelope])
     assert chunk.startswith(b"id: claude:5-0,gpt-4:7-1\nevent: token\n")
-    assert encode_batch(sub, [envelope]) == b""  # already sent: dropped by the cursor
+    assert encode_batch(sub, [envelope]) == (b"", [])  # already sent: dropped by the cursor

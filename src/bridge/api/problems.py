@@ -10,7 +10,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import RedisError
 
-from bridge.errors import AccessDenied, BadRequest, RedisUnavailable
+from bridge.errors import AccessDenied, BadRequest, RateLimited, RedisUnavailable
 
 log = structlog.get_logger("bridge.api")
 
@@ -33,8 +33,20 @@ def _bad_request(_: Request[Any, Any, Any], exc: BadRequest) -> Response[dict[st
 
 
 def _access_denied(_: Request[Any, Any, Any], exc: AccessDenied) -> Response[dict[str, Any]]:
-    title = "Unauthorized" if exc.status_code == 401 else "Forbidden"
-    return problem(exc.status_code, title, exc.detail)
+    if exc.status_code == 401:
+        return problem(401, "Unauthorized", exc.detail, headers={"WWW-Authenticate": "Bearer"})
+    return problem(exc.status_code, "Forbidden", exc.detail)
+
+
+def _rate_limited(_: Request[Any, Any, Any], exc: RateLimited) -> Response[dict[str, Any]]:
+    return problem(
+        429,
+        "Too Many Requests",
+        exc.detail,
+        headers={"Retry-After": str(exc.retry_after_s)},
+        limit=exc.limit,
+        retryAfter=exc.retry_after_s,
+    )
 
 
 def _redis_down(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -67,6 +79,7 @@ def _title(status: int) -> str:
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     BadRequest: _bad_request,
     AccessDenied: _access_denied,
+    RateLimited: _rate_limited,
     RedisError: _redis_down,
     RedisUnavailable: _redis_down,
     HTTPException: _http,

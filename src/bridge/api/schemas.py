@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from bridge.providers.base import Usage
+from bridge.streams.cancel import Target
 from bridge.streams.keys import ID_PATTERN
 
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, examples=["user_123"])]
@@ -34,6 +35,7 @@ class GenerationParams(
     mock_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
     mock_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     mock_fail_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    mock_invalid_outputs: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
 
     def for_provider(self) -> dict[str, Any]:
         """The options that are set, under the snake_case names providers use."""
@@ -67,6 +69,21 @@ class ChatStarted(msgspec.Struct, frozen=True, rename="camel"):
     stream_token: str
 
 
+class CancelChat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    """`POST /api/chat/{sessionId}/cancel`: narrow the cancel to one model or one request."""
+
+    model_id: Id | None = None
+    request_id: Id | None = None
+
+
+class CancelStarted(msgspec.Struct, frozen=True, rename="camel"):
+    """The answer to a cancel: generations being cancelled, and matching ones already ended."""
+
+    session_id: str
+    cancelling: list[Target]
+    already_ended: list[Target]
+
+
 class SessionUsage(msgspec.Struct, frozen=True, rename="camel"):
     """Tokens written to a session's streams, per model."""
 
@@ -74,4 +91,14 @@ class SessionUsage(msgspec.Struct, frozen=True, rename="camel"):
     completion_tokens: dict[str, int]
 
 
-__all__ = ["ChatMessage", "ChatStarted", "GenerationParams", "SessionUsage", "StartChat", "Usage"]
+__all__ = [
+    "CancelChat",
+    "CancelStarted",
+    "ChatMessage",
+    "ChatStarted",
+    "GenerationParams",
+    "SessionUsage",
+    "StartChat",
+    "Target",
+    "Usage",
+]

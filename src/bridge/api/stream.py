@@ -2,62 +2,73 @@
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
-from http.cookies import CookieError, SimpleCookie
-from urllib.parse import parse_qsl
+from typing import Annotated, Any
 
-from litestar import asgi
-from litestar.exceptions import MethodNotAllowedException, ServiceUnavailableException
-from litestar.types import Receive, Scope, Send
+import structlog
+from litestar import Request, get
+from litestar.params import HeaderParameter, QueryParameter
+from litestar.response.base import ASGIResponse
+from redis.exceptions import RedisError
 
-from bridge.connections.sse import SSEResponse
+from bridge.api.observability import STREAMING
+from bridge.auth import bearer
+from bridge.connections.sse import SSEResponse, closed_stream
+from bridge.errors import CloseReason, RedisUnavailable
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
 from bridge.streams.history import replay
 from bridge.streams.keys import check_id
 
 TOKEN_COOKIE = "bridge_stream_token"
-_WANTED = (b"authorization", b"cookie", b"last-event-id")
 
 
-def stream_token(headers: dict[bytes, str], query_token: str | None) -> str | None:
+def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> str | None:
     """The token from the query (EventSource), an `Authorization: Bearer` header, or a cookie."""
-    if query_token:
-        return query_token
-    scheme, _, value = headers.get(b"authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    cookie = SimpleCookie()
-    with contextlib.suppress(CookieError):
-        cookie.load(headers.get(b"cookie", ""))
-    morsel = cookie.get(TOKEN_COOKIE)
-    return morsel.value if morsel is not None else None
+    return query_token or bearer(request) or request.cookies.get(TOKEN_COOKIE)
 
 
-# A mount, not `{session_id}`: Litestar 2 does not route path parameters to ASGI handlers.
-@asgi("/api/sse/stream", is_mount=True, copy_scope=False)
-async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
+@get(
+    "/api/sse/stream/{session_id:str}",
+    media_type="text/event-stream",
+    summary="Stream a session's events (Server-Sent Events)",
+    tags=["chat"],
+    opt={"auth": "stream_token", STREAMING: True},
+)
+async def sse_stream(
+    session_id: str,
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    token: str | None = None,
+    last_event_id: Annotated[str | None, QueryParameter(name="last_event_id")] = None,
+    last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
+) -> ASGIResponse:
     """Replay the session's retained events after the cursor, then stream live ones.
 
     The cursor comes from the `Last-Event-ID` header (EventSource sends it on reconnect) or
     the `last_event_id` query parameter. Without one, the whole retained stream is replayed.
-    A plain ASGI handler: an SSE connection is opened by the thousand when tabs reconnect,
-    and Litestar's request parsing and dependency injection were most of its cost (py-spy,
-    S5); errors still go through the app's exception handlers.
+    A process that is shutting down, or that cannot reach Redis, answers with only a
+    `reconnect` event, never an error status: EventSource gives up for good on those, but
+    reconnects (elsewhere, or once Redis is back) after a stream ends.
     """
-    if scope.get("method") != "GET":
-        raise MethodNotAllowedException(headers={"Allow": "GET"})
-    runtime: Runtime = scope["app"].state.runtime
-    session = check_id("sessionId", scope["path"].strip("/"))
-    query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
-    headers = {name: value.decode("latin-1") for name, value in scope["headers"] if name in _WANTED}
-    runtime.tokens.verify(session, stream_token(headers, query.get("token")))
-    cursor = parse_cursor(headers.get(b"last-event-id") or query.get("last_event_id") or "")
+    session = check_id("sessionId", session_id)
+    runtime.tokens.verify(session, stream_token(request, token))
+    cursor = parse_cursor(last_event_id_header or last_event_id or "")
     if runtime.stopping:
-        raise ServiceUnavailableException("this process is shutting down")
-    sub = await runtime.manager.connect(session, cursor)
-    response = SSEResponse(
+        return closed_stream(CloseReason.SHUTDOWN, runtime.settings.sse_retry_ms)
+    client = request.client
+    try:
+        if not await runtime.watch.available():
+            raise RedisUnavailable("Redis is away")
+        sub = await runtime.manager.connect(
+            session, cursor, address=client.host if client else None
+        )
+    except (RedisUnavailable, RedisError, OSError):
+        return closed_stream(CloseReason.REDIS_UNAVAILABLE, runtime.settings.sse_retry_ms)
+    structlog.contextvars.bind_contextvars(session_id=session, connection_id=sub.id)
+    if runtime.stopping:  # shutdown began while connecting: end at once with `reconnect`
+        sub.close(CloseReason.SHUTDOWN)
+    return SSEResponse(
         sub=sub,
         manager=runtime.manager,
         history=partial(
@@ -66,8 +77,8 @@ async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
             runtime.keys,
             session,
             known_models=runtime.fanout.models if runtime.fanout is not None else None,
+            stats=runtime.history_stats,
         ),
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
     )
-    await response(scope, receive, send)

@@ -7,12 +7,15 @@ from typing import Protocol
 
 import structlog
 
-from bridge.errors import CloseReason
+from bridge import metrics
+from bridge.errors import CloseReason, RateLimited
 from bridge.streams.codec import Cursor, EntryId, StreamEvent
 
 from .subscriber import Envelope, Subscriber
 
 log = structlog.get_logger("bridge.connections")
+
+CONNECTION_RETRY_S = 5
 
 
 class SessionTracker(Protocol):
@@ -31,17 +34,33 @@ class ConnectionManager:
     can begin its catch-up before the reader's start position is fixed (no gap between the two).
     """
 
-    def __init__(self, *, queue_size: int) -> None:
+    def __init__(
+        self, *, queue_size: int, max_per_session: int = 0, max_per_address: int = 0
+    ) -> None:
         self._queue_size = queue_size
+        self._max_per_session = max_per_session  # open connections; 0: no limit
+        self._max_per_address = max_per_address
+        self._per_address: dict[str, int] = {}
+        self._address_of: dict[Subscriber, str] = {}
         self._sessions: dict[str, set[Subscriber]] = {}
         self._tracking: dict[str, asyncio.Future[None]] = {}
         self.tracker: SessionTracker | None = None
         self.overflows = 0
 
-    async def connect(self, session: str, cursor: Cursor, *, transport: str = "sse") -> Subscriber:
-        """Register a new connection of `session`, resuming after `cursor`."""
+    async def connect(
+        self, session: str, cursor: Cursor, *, transport: str = "sse", address: str | None = None
+    ) -> Subscriber:
+        """Register a new connection of `session` from `address`, resuming after `cursor`.
+
+        Raises RateLimited when the session or the address already has its maximum open.
+        """
+        self._check_limits(session, address)
         sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
         self._sessions.setdefault(session, set()).add(sub)
+        if address is not None:
+            self._address_of[sub] = address
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+        metrics.transport_meter(transport).opened()
         try:
             await self._ensure_tracked(session)
         except BaseException:
@@ -51,10 +70,17 @@ class ConnectionManager:
 
     def disconnect(self, sub: Subscriber) -> None:
         """Forget a connection; the last one of a session stops its tailing."""
+        address = self._address_of.pop(sub, None)
+        if address is not None:
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
         subs = self._sessions.get(sub.session)
-        if subs is None:
+        if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        reason = sub.closed.value if sub.closed is not None else "ended"
+        metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
             self._tracking.pop(sub.session, None)
@@ -68,7 +94,7 @@ class ConnectionManager:
             return
         envelopes = [Envelope(model, entry_id, event) for entry_id, event in batch]
         for sub in subs:
-            if not sub.offer(envelopes) and sub.closed is CloseReason.SLOW_CONSUMER:
+            if sub.closed is None and not sub.offer(envelopes):
                 self.overflows += 1
                 log.info("slow_consumer_closed", connection_id=sub.id, queued=sub.queued)
 
@@ -80,6 +106,28 @@ class ConnectionManager:
                 sub.close(reason)
                 count += 1
         return count
+
+    def _check_limits(self, session: str, address: str | None) -> None:
+        if self._max_per_session and len(self._sessions.get(session, ())) >= self._max_per_session:
+            raise RateLimited(
+                "open connections per session",
+                CONNECTION_RETRY_S,
+                f"this session already has {self._max_per_session} open connections",
+            )
+        if (
+            self._max_per_address
+            and address is not None
+            and self._per_address.get(address, 0) >= self._max_per_address
+        ):
+            raise RateLimited(
+                "open connections per client address",
+                CONNECTION_RETRY_S,
+                f"this address already has {self._max_per_address} open connections",
+            )
+
+    def connections(self) -> list[Subscriber]:
+        """Every registered connection (a snapshot)."""
+        return [sub for subs in self._sessions.values() for sub in subs]
 
     @property
     def connection_count(self) -> int:

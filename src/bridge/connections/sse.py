@@ -14,9 +14,11 @@ import msgspec
 import structlog
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
+from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.errors import CloseReason
-from bridge.streams.codec import Cursor, format_entry_id, sse_frame
+from bridge.streams.codec import Cursor, EventType, format_entry_id, sse_frame
 from bridge.streams.history import Gap
 
 from .manager import ConnectionManager
@@ -50,16 +52,32 @@ def gap_frame(gap: Gap) -> bytes:
     )
 
 
-def encode_batch(sub: Subscriber, batch: list[Envelope]) -> bytes:
-    """SSE frames of the envelopes this connection has not sent yet."""
+def closed_stream(reason: CloseReason, retry_ms: int) -> ASGIResponse:
+    """A stream that ends at once with `reconnect`: EventSource retries after `retry_ms`.
+
+    Used when Redis is away: a 5xx would make EventSource give up for good.
+    """
+    body = f": \nretry: {retry_ms}\n\n".encode() + control_frame(
+        "reconnect", {"reason": reason.value}
+    )
+    return ASGIResponse(
+        body=body, headers=SSE_HEADERS, media_type="text/event-stream", status_code=200
+    )
+
+
+def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[float]]:
+    """SSE frames of the envelopes not sent yet, and the producer timestamps of their tokens."""
     out = []
+    token_ts = []
     for env in batch:
         if sub.accept(env.model, env.entry_id):
             if len(sub.cursor) == 1:  # the cursor is this entry's id: the shared bytes
                 out.append(env.frame)
             else:
                 out.append(sse_frame(env.event.type.value, env.sse_data, sub.cursor_text))
-    return b"".join(out)
+            if env.event.type is EventType.TOKEN:
+                token_ts.append(env.event.ts)
+    return b"".join(out), token_ts
 
 
 class SSEResponse(ASGIResponse):
@@ -108,24 +126,33 @@ class SSEResponse(ASGIResponse):
                 writer.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
 
+    async def _catch_up(self, send: Send) -> None:
+        async for item in self._history(self._sub.cursor):
+            if isinstance(item, Gap):
+                if item.reason == "reset":
+                    self._sub.cursor.pop(item.model, None)
+                await _body(send, gap_frame(item))
+            else:
+                chunk, token_ts = encode_batch(self._sub, item)
+                if chunk:
+                    await _body(send, chunk)
+                    metrics.SSE.delivered(token_ts, live=False)
+
     async def _write(self, send: Send) -> None:
         # Flush the headers with a first comment so proxies and browsers see the stream open.
         await _body(send, f": \nretry: {self._retry_ms}\n\n".encode())
         try:
-            async for item in self._history(self._sub.cursor):
-                if isinstance(item, Gap):
-                    if item.reason == "reset":
-                        self._sub.cursor.pop(item.model, None)
-                    await _body(send, gap_frame(item))
-                else:
-                    chunk = encode_batch(self._sub, item)
-                    if chunk:
-                        await _body(send, chunk)
+            try:
+                await self._catch_up(send)
+            except (RedisError, OSError) as exc:
+                log.warning("sse_catch_up_failed", connection_id=self._sub.id, error=str(exc))
+                self._sub.close(CloseReason.REDIS_UNAVAILABLE)
             while True:
                 batch = await self._sub.next_batch(self._heartbeat_s)
-                chunk = encode_batch(self._sub, batch) if batch else b": ping\n\n"
+                chunk, token_ts = encode_batch(self._sub, batch) if batch else (b": ping\n\n", [])
                 if chunk:
                     await _body(send, chunk)
+                    metrics.SSE.delivered(token_ts)
         except Closed as closed:
             if closed.reason is not CloseReason.CLIENT_GONE:
                 log.info("sse_closed", connection_id=self._sub.id, reason=closed.reason.value)

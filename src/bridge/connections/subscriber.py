@@ -73,6 +73,8 @@ class Subscriber:
         self._ready = asyncio.Event()
         self._heartbeat: asyncio.TimerHandle | None = None
         self._heartbeat_due = False
+        # when the writer last asked for more: a writer stuck in send() stops asking
+        self.last_progress = time.monotonic()
         self.on_close: Callable[[CloseReason], None] | None = None
 
     def offer(self, envelopes: list[Envelope]) -> bool:
@@ -103,6 +105,7 @@ class Subscriber:
         The heartbeat timer is armed once per period, not per wait: a timeout per wait was
         a sixth of the SSE path's CPU under load (py-spy, S2).
         """
+        self.last_progress = time.monotonic()
         if not self._queue and self.closed is None:
             if self._heartbeat is None:
                 self._heartbeat = asyncio.get_running_loop().call_later(wait_s, self._beat)

@@ -37,11 +37,16 @@ class Finish(msgspec.Struct, frozen=True):
 
 
 class ProviderRequest(msgspec.Struct, frozen=True):
-    """What a provider is asked to generate. `model` is the provider's own model name."""
+    """What a provider is asked to generate. `model` is the provider's own model name.
+
+    `prefix` is the part of the answer already written by a worker that died: a provider
+    that sets `continues_prefix = True` continues after it instead of starting over.
+    """
 
     model: str
     messages: tuple[Message, ...]
     params: dict[str, Any] = {}
+    prefix: str = ""
 
 
 class Provider(Protocol):
@@ -49,6 +54,9 @@ class Provider(Protocol):
 
     Failures raise `bridge.errors.ProviderError` (never a third-party exception); deltas
     already yielded stay valid. Cancelling the iteration aborts the upstream request.
+
+    A provider may also set a class attribute `continues_prefix = True` when it can continue
+    a partial answer (`ProviderRequest.prefix`); without it, a takeover restarts the answer.
     """
 
     name: str

@@ -6,13 +6,14 @@ import contextlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from bridge.errors import ConfigError, UnknownModel
+from bridge.errors import BadRequest, ConfigError, UnknownModel
+from bridge.provider_catalog import PROVIDERS, Endpoint, key_variable
 from bridge.providers.base import Provider
 from bridge.providers.mock import MockProvider
 from bridge.providers.openai import OpenAIProvider
 from bridge.settings import Settings
 
-_PROVIDERS = ("mock", "openai")
+_PROVIDERS = ("mock", *PROVIDERS)
 
 
 class ProviderRegistry:
@@ -50,10 +51,20 @@ class ProviderRegistry:
         providers: dict[str, Provider] = {
             "mock": MockProvider(tokens=settings.mock_tokens, delay_ms=settings.mock_delay_ms)
         }
-        if any(provider == "openai" for provider, _ in routes.values()):
-            providers["openai"] = OpenAIProvider(
-                settings.openai_base_url,
-                settings.openai_api_key,
+        for name in sorted({provider for provider, _ in routes.values()} - {"mock"}):
+            if name == "openai":
+                endpoint = Endpoint(settings.openai_base_url, settings.openai_api_key)
+            else:
+                endpoint = settings.endpoints.get(name) or Endpoint(PROVIDERS[name])
+                if endpoint.api_key is None:  # seed 000: each provider has its own key
+                    users = [alias for alias, (p, _) in routes.items() if p == name]
+                    raise ConfigError(
+                        f"model {users[0]!r} uses provider {name!r}, "
+                        f"but {key_variable(name)} is not set"
+                    )
+            providers[name] = OpenAIProvider(
+                endpoint.base_url,
+                endpoint.api_key,
                 connect_timeout_s=settings.provider_connect_timeout_s,
                 read_timeout_s=settings.provider_read_timeout_s,
                 # one connection per concurrent generation, never a pool timeout
@@ -81,6 +92,24 @@ class ProviderRegistry:
         except KeyError:
             raise UnknownModel(model_id, self.known_models) from None
         return self._providers[provider_name], upstream
+
+    def alias_for(self, provider: str, model: str) -> str:
+        """The public model name that `provider` serves as `model` (seed 001's templates).
+
+        `model` may be a public name routed to `provider`, or the upstream name of one. Only
+        configured routes are reachable, so a client cannot pick an arbitrary upstream model.
+        """
+        in_use = sorted({name for name, _ in self._routes.values()})
+        if provider not in in_use:
+            raise BadRequest(f"unknown provider {provider!r}; known providers: {', '.join(in_use)}")
+        route = self._routes.get(model)
+        if route is not None and route[0] == provider:
+            return model
+        for alias, (name, upstream) in self._routes.items():
+            if name == provider and upstream == model:
+                return alias
+        served = tuple(alias for alias, (name, _) in self._routes.items() if name == provider)
+        raise UnknownModel(model, served)
 
     async def aclose(self) -> None:
         """Close every provider, even when closing one of them fails."""

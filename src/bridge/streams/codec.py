@@ -23,7 +23,8 @@ EntryId = tuple[int, int]
 Cursor = dict[str, EntryId]
 
 MAX_CURSOR_CHARS = 8192
-_CURSOR_PART = re.compile(r"^([A-Za-z0-9_.-]{1,128}):(\d{1,20})-(\d{1,20})$")
+_CURSOR_PART = re.compile(r"^([A-Za-z0-9_.-]{1,128}):([0-9]{1,20})-([0-9]{1,20})$")
+_MAX_ID_PART = 2**64 - 1
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -148,5 +149,8 @@ def parse_cursor(text: str) -> Cursor:
         match = _CURSOR_PART.fullmatch(part)
         if match is None:
             raise BadRequest(f"Last-Event-ID {text[:80]!r} is not a cursor this server issued")
-        cursor[match[1]] = (int(match[2]), int(match[3]))
+        ms, seq = int(match[2]), int(match[3])
+        if ms > _MAX_ID_PART or seq > _MAX_ID_PART:
+            raise BadRequest(f"Last-Event-ID {text[:80]!r} is not a cursor this server issued")
+        cursor[match[1]] = (ms, seq)
     return cursor

@@ -12,7 +12,6 @@ entries among readers, and every connection needs every entry.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
@@ -23,9 +22,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge import metrics
+from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
-from bridge.streams.keys import Keys
+from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.fanout")
 
@@ -85,7 +86,7 @@ class FanoutReader:
         index = self._keys.session_index(session)
         try:
             entries: Any = await self._redis.xrange(index)
-            models = sorted({fields[b"m"].decode() for _, fields in entries if b"m" in fields})
+            models = sorted({model for _, fields in entries if (model := indexed_model(fields))})
             async with self._redis.pipeline(transaction=False) as pipe:
                 for model in models:
                     pipe.xrevrange(self._keys.stream(session, model), count=1)
@@ -111,17 +112,17 @@ class FanoutReader:
 
     async def run(self) -> None:
         """Read until cancelled; ride out Redis outages with capped backoff."""
-        backoff = 0.05
+        backoff = Backoff()
         while True:
+            raise_if_cancelling()
             try:
                 await self._read_once()
-                backoff = 0.05
+                backoff.reset()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self.connected:
                     log.warning("fanout_redis_error", error=str(exc))
                 self.connected = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
 
     async def _read_once(self) -> None:
         self._wake_pending = False  # keys added from here on need a wake-up of their own
@@ -140,7 +141,7 @@ class FanoutReader:
 
     def _on_index(self, session: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for _, fields in entries:
-            model = fields.get(b"m", b"").decode()
+            model = indexed_model(fields)
             if model and self._keys.stream(session, model).encode() not in self._stream_owner:
                 self._add_stream(session, model, b"0-0")  # new stream: all of it is news
 
@@ -153,6 +154,7 @@ class FanoutReader:
                 batch.append((parse_entry_id(entry_id), from_fields(fields)))
             except MalformedEntry as exc:
                 self.malformed += 1
+                metrics.MALFORMED_ENTRIES.labels("fanout").inc()
                 log.warning("malformed_entry_skipped", model=model, entry=entry_id, error=str(exc))
         if batch:
             self._deliver(session, model, batch)

@@ -9,10 +9,11 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from bridge import metrics
 from bridge.connections.subscriber import Envelope
 from bridge.errors import MalformedEntry
 from bridge.streams.codec import Cursor, EntryId, format_entry_id, from_fields, parse_entry_id
-from bridge.streams.keys import Keys
+from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.history")
 
@@ -31,10 +32,17 @@ class Gap(msgspec.Struct, frozen=True):
     after: EntryId | None
 
 
+class HistoryStats:
+    """Counters of this process's catch-up reads (plain attributes, for metrics)."""
+
+    def __init__(self) -> None:
+        self.malformed = 0
+
+
 async def session_models(redis: Redis, keys: Keys, session: str) -> set[str]:
     """Models that have had a generation in `session` (from its index stream)."""
     entries: Any = await redis.xrange(keys.session_index(session))
-    return {fields[b"m"].decode() for _, fields in entries if b"m" in fields}
+    return {model for _, fields in entries if (model := indexed_model(fields))}
 
 
 async def replay(
@@ -45,13 +53,16 @@ async def replay(
     *,
     page: int = 500,
     known_models: Callable[[str], set[str] | None] | None = None,
+    stats: HistoryStats | None = None,
 ) -> AsyncIterator[list[Envelope] | Gap]:
     """Yield every retained entry after `cursor`, model by model, announcing gaps first.
 
     `known_models(session)` may answer from the fan-out reader, which tails the session's
     index already: a stream it has not seen yet is delivered live from its first entry, so
     the catch-up need not read the index again (one round trip less per connection).
+    Entries that do not decode are skipped with a log line and counted in `stats`.
     """
+    stats = stats or HistoryStats()
     known = known_models(session) if known_models is not None else None
     if known is None:
         known = await session_models(redis, keys, session)
@@ -73,7 +84,7 @@ async def replay(
             yield gap
             if gap.reason == "reset":
                 after = None
-        async for batch in _pages(redis, keys.stream(session, model), model, after, page):
+        async for batch in _pages(redis, keys.stream(session, model), model, after, page, stats):
             yield batch
 
 
@@ -97,7 +108,7 @@ def _gap(model: str, info: dict[str, Any], after: EntryId | None) -> Gap | None:
 
 
 async def _pages(
-    redis: Redis, key: str, model: str, after: EntryId | None, page: int
+    redis: Redis, key: str, model: str, after: EntryId | None, page: int, stats: HistoryStats
 ) -> AsyncIterator[list[Envelope]]:
     start = f"({format_entry_id(after)}" if after is not None else "-"
     while True:
@@ -109,6 +120,8 @@ async def _pages(
             try:
                 batch.append(Envelope(model, parse_entry_id(raw_id), from_fields(fields)))
             except MalformedEntry as exc:
+                stats.malformed += 1
+                metrics.MALFORMED_ENTRIES.labels("history").inc()
                 log.warning("malformed_entry_skipped", model=model, entry=raw_id, error=str(exc))
         if batch:
             yield batch

@@ -1,71 +1,108 @@
 """Stream producer: appends the events of one generation to its token stream.
 
-Every append goes through one Lua script, so three checks are atomic with the write:
-- fencing: the generation's `epoch` must still be the writer's (a stale worker gets `Fenced`);
+Every append goes through one Lua script, so these checks are atomic with the write:
+- fencing: the generation's `epoch` must still be the writer's (a stale worker gets `Fenced`;
+  a retried batch that is already stored, terminal event included, is a no-op);
 - idempotency: entries whose sequence is not above the stored one are skipped, so a retried
   call whose first attempt did reach Redis writes nothing twice;
-- accounting: token counts are added in the same step, so usage equals tokens written.
+- accounting: token counts are added in the same step, so usage equals tokens written;
+- the per-session token limit: a token that would take the session past it is not written.
 
-Tokens that arrive while an append is in flight are sent together in the next one.
+Tokens that arrive while an append is in flight are sent together in the next one. An append
+that fails because Redis is unreachable is retried with backoff (safe: see idempotency).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.errors import Fenced
+from bridge.backoff import Backoff
+from bridge.errors import Fenced, GenerationStopped
 from bridge.settings import Settings
 from bridge.streams.batching import ScriptBatcher
 from bridge.streams.codec import EventType, StreamEvent, now_ms, to_fields
 from bridge.streams.keys import Keys
+from bridge.streams.processor import GenerationContext, Processor, ProcessorChain
+
+log = structlog.get_logger("bridge.producer")
 
 _encode = msgspec.json.Encoder().encode
 
 APPEND_SCRIPT = """
 -- KEYS: stream, generation hash, usage hash
--- ARGV: epoch, maxlen, ttl, usage field, final status ("" if none),
---       entries as one JSON array of [seq, is_token, field, value, ...]
+-- ARGV: epoch, maxlen, ttl, usage field, final status ("" if none), session token limit
+--       (0: none), entries as one JSON array of [seq, is_token, field, value, ...]
 --       (one argument instead of a dozen per entry: packing arguments was the client's
 --       largest cost per token)
+-- Returns {last stored seq, 1 if the session token limit stopped the batch else 0}.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('FENCED owner epoch is ' .. tostring(epoch))
 end
+local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local status = redis.call('HGET', KEYS[2], 'status')
 if status == 'complete' or status == 'error' or status == 'cancelled' then
+  local newest = 0
+  for _, entry in ipairs(cjson.decode(ARGV[7])) do newest = math.max(newest, entry[1]) end
+  if newest <= last_seq then
+    return {last_seq, 0}  -- a retry of a batch that is already stored: nothing to do
+  end
   return redis.error_reply('FENCED generation already ended: ' .. status)
 end
-local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
+local limit = tonumber(ARGV[6])
+local used = 0
+if limit > 0 then used = tonumber(redis.call('HGET', KEYS[3], '*') or '0') end
 local tokens = 0
-local last_id = false
-for _, entry in ipairs(cjson.decode(ARGV[6])) do
+local limited = 0
+for _, entry in ipairs(cjson.decode(ARGV[7])) do
   local seq = entry[1]
+  local is_token = entry[2] == 1
   if seq > last_seq then
+    if is_token and limit > 0 and used + tokens >= limit then
+      limited = 1
+      break
+    end
     local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
     for j = 3, #entry do args[#args + 1] = entry[j] end
-    last_id = redis.call(unpack(args))
+    local id = redis.call(unpack(args))
+    if last_seq == 0 then redis.call('HSET', KEYS[2], 'first', id) end
     last_seq = seq
-    if entry[2] == 1 then tokens = tokens + 1 end
+    if is_token then tokens = tokens + 1 end
   end
 end
 redis.call('HSET', KEYS[2], 'seq', last_seq)
 if tokens > 0 then
   redis.call('HINCRBY', KEYS[2], 'tokens', tokens)
   redis.call('HINCRBY', KEYS[3], ARGV[4], tokens)
+  redis.call('HINCRBY', KEYS[3], '*', tokens)
 end
-if ARGV[5] ~= '' then
+if ARGV[5] ~= '' and limited == 0 then
   redis.call('HSET', KEYS[2], 'status', ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-return last_id
+-- Always: while a generation runs this also raises a short TTL an earlier one's end set.
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {last_seq, limited}
 """
+
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Stored(msgspec.Struct, frozen=True):
+    """What an append stored: the last sequence number, and whether the session limit hit."""
+
+    last_seq: int
+    limited: bool
 
 
 class StreamProducer:
@@ -79,10 +116,12 @@ class StreamProducer:
         self._script = ScriptBatcher(redis, APPEND_SCRIPT)
 
     def writer(
-        self, *, session: str, model: str, request_id: str, epoch: int, last_seq: int = 0
+        self, ctx: GenerationContext, *, last_seq: int = 0, chain: Processor | None = None
     ) -> GenerationWriter:
-        """A writer for one generation, owned by `epoch`, continuing after `last_seq`."""
-        return GenerationWriter(self, session, model, request_id, epoch, last_seq)
+        """A writer for the generation `ctx` describes, continuing after `last_seq`."""
+        return GenerationWriter(
+            self, ctx, chain or ProcessorChain(), last_seq, self._settings.generation_deadline_s
+        )
 
     async def append(
         self,
@@ -92,37 +131,41 @@ class StreamProducer:
         request_id: str,
         epoch: int,
         events: Sequence[StreamEvent],
-    ) -> None:
+    ) -> Stored:
         """Append `events` atomically with the fencing, idempotency and accounting checks."""
         final = events[-1].type.value if events and events[-1].terminal else ""
-        ttl = self._settings.stream_ttl_s if final else self._active_ttl()
+        ttl = self._settings.stream_ttl_s if final else self.active_ttl
         entries = [
             [event.seq, 1 if event.type is EventType.TOKEN else 0, *to_fields(event)]
             for event in events
         ]
-        args = [epoch, self._settings.stream_maxlen, ttl, model, final, _encode(entries)]
+        limit = self._settings.session_token_limit
+        args = [epoch, self._settings.stream_maxlen, ttl, model, final, limit, _encode(entries)]
         keys = [
             self._keys.stream(session, model),
             self._keys.generation(request_id),
             self._keys.usage(session),
         ]
         try:
-            await self._script(keys=keys, args=args)
+            last_seq, limited = await self._script(keys=keys, args=args)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(f"generation {request_id}: {exc}") from None
             raise
+        return Stored(int(last_seq), bool(limited))
 
-    def _active_ttl(self) -> int:
-        # A stream whose worker vanished for good still expires eventually.
+    @property
+    def active_ttl(self) -> int:
+        """TTL of a stream while a generation runs: one whose worker vanished still expires."""
         return int(self._settings.generation_deadline_s) + self._settings.stream_ttl_s
 
 
 class GenerationWriter:
     """Writes one generation's events in order, batching tokens that arrive during a round trip.
 
-    `token()` returns before the write lands (errors surface on a later call); `finish()`
-    writes the terminal event and returns once everything is stored.
+    Each event passes the processor chain first. `token()` returns before the write lands
+    (errors surface on a later call); `finish()` writes the terminal event and returns once
+    everything is stored. Appends that fail for want of Redis are retried for `retry_for_s`.
     """
 
     _MAX_PENDING = 512  # past this, token() waits for the append in flight
@@ -130,25 +173,27 @@ class GenerationWriter:
     def __init__(
         self,
         producer: StreamProducer,
-        session: str,
-        model: str,
-        request_id: str,
-        epoch: int,
+        ctx: GenerationContext,
+        chain: Processor,
         last_seq: int,
+        retry_for_s: float,
     ) -> None:
         self._producer = producer
-        self._session = session
-        self._model = model
-        self._request_id = request_id
-        self._epoch = epoch
+        self.ctx = ctx
+        self._chain = chain
         self.seq = last_seq
-        self.tokens = 0
+        self._retry_for_s = retry_for_s
+        self.retries = 0
         self._pending: list[StreamEvent] = []
         self._flushing: asyncio.Task[None] | None = None
 
+    @property
+    def tokens(self) -> int:
+        """Tokens this writer emitted (counted by the chain's `count_tokens`)."""
+        return self.ctx.tokens
+
     async def token(self, text: str) -> None:
         """Queue one token for appending."""
-        self.tokens += 1
         await self._emit(EventType.TOKEN, content=text)
 
     async def seam(self, data: dict[str, Any]) -> None:
@@ -163,22 +208,36 @@ class GenerationWriter:
     async def drain(self) -> None:
         """Wait until every queued event is stored; raise the error of a failed append."""
         while self._flushing is not None:
-            await asyncio.shield(self._flushing)
-            self._check()
+            await self._wait_flush()
+
+    async def abort(self) -> None:
+        """Stop appending (the generation was abandoned); queued events are dropped."""
+        task, self._flushing = self._flushing, None
+        self._pending.clear()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     async def _emit(
         self, kind: EventType, *, content: str = "", data: dict[str, Any] | None = None
     ) -> None:
         self._check()
-        self.seq += 1
-        self._pending.append(
-            StreamEvent(kind, self._request_id, self.seq, now_ms(), content=content, data=data)
-        )
+        seq = self.seq + 1
+        event = StreamEvent(kind, self.ctx.request_id, seq, now_ms(), content=content, data=data)
+        event = self._chain(self.ctx, event)
+        self.seq = seq
+        self._pending.append(event)
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         elif len(self._pending) >= self._MAX_PENDING:
+            await self._wait_flush()
+
+    async def _wait_flush(self) -> None:
+        assert self._flushing is not None
+        with contextlib.suppress(Exception):  # _check raises it, and clears the task
             await asyncio.shield(self._flushing)
-            self._check()
+        self._check()
 
     def _check(self) -> None:
         task = self._flushing
@@ -188,11 +247,33 @@ class GenerationWriter:
 
     async def _flush(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
-            await self._producer.append(
-                session=self._session,
-                model=self._model,
-                request_id=self._request_id,
-                epoch=self._epoch,
-                events=batch,
-            )
+            batch = list(self._pending)
+            stored = await self._append(batch)
+            if stored.limited:
+                self._pending.clear()
+                self.seq = stored.last_seq
+                raise GenerationStopped(
+                    "session_limit", "the session reached its token limit; the answer is cut"
+                )
+            del self._pending[: len(batch)]
+
+    async def _append(self, batch: list[StreamEvent]) -> Stored:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._retry_for_s
+        backoff = Backoff()
+        ctx = self.ctx
+        while True:
+            try:
+                return await self._producer.append(
+                    session=ctx.session,
+                    model=ctx.model,
+                    request_id=ctx.request_id,
+                    epoch=ctx.epoch,
+                    events=batch,
+                )
+            except _RETRYABLE as exc:
+                if loop.time() + backoff.delay_s > give_up_at:
+                    raise
+                self.retries += 1
+                log.warning("append_retrying", request_id=ctx.request_id, error=str(exc))
+                await backoff.wait()

@@ -1,0 +1,1 @@
+"""Static resources shipped in the package (the test page)."""
