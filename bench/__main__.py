@@ -20,7 +20,6 @@ import platform
 import resource
 import subprocess
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from bench.scenarios import (
     warm_up,
 )
 from bench.stack import LAYOUTS, ROOT, Stack
+from bridge.cli import run_async
 
 
 async def run_scenario(stack: Stack, scenario: Scenario, progress: Progress) -> dict[str, Any]:
@@ -145,16 +145,6 @@ def _raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run_async(main: Coroutine[Any, Any, Path]) -> Path:
-    """The load generator runs on uvloop when it is installed, like the bridge."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:

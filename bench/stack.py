@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from bench.loadgen import get_request
 from bridge.access import StreamTokens
 from bridge.redis_select import make_client
-from bridge.redis_server import EmbeddedRedis
+from bridge.redis_server import EmbeddedRedis, _die_with_parent
 from bridge.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +135,8 @@ class Stack:
                 cwd=ROOT,
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=log,
+                # killed with the bench, even when the bench itself is killed outright
+                preexec_fn=_die_with_parent(),
                 **({"stdout": log} | kw),
             )
         finally:

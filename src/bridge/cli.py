@@ -8,7 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -17,6 +17,7 @@ from bridge.logging import configure_logging
 from bridge.settings import Settings
 
 log = structlog.get_logger("bridge.cli")
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def run_async(main: Coroutine[Any, Any, int]) -> int:
+def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` on uvloop where it is installed (it halves event-loop overhead), else asyncio."""
     try:
         import uvloop

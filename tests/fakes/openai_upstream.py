@@ -14,7 +14,9 @@ As a process (prints ``READY <base_url>`` once listening, stops on SIGTERM/SIGIN
 usage chunk when ``stream_options.include_usage`` is set, then ``data: [DONE]``. Each
 request may change that through `Behaviour` fields, given either in the model name as a
 query (``"gpt?tokens=3&break_after=2"``, which also fits a BRIDGE_MODELS route) or in a
-``"fake": {...}`` object in the body, which wins.
+``"fake": {...}`` object in the body, which wins. ``stamp=1`` puts the write time into the
+token text itself (``t<i>@<epoch us> ``), which passes through the bridge unchanged: the
+benchmark (``python -m bench``) measures each token's added latency with it.
 """
 
 from __future__ import annotations
