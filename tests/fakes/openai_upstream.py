@@ -14,7 +14,9 @@ As a process (prints ``READY <base_url>`` once listening, stops on SIGTERM/SIGIN
 usage chunk when ``stream_options.include_usage`` is set, then ``data: [DONE]``. Each
 request may change that through `Behaviour` fields, given either in the model name as a
 query (``"gpt?tokens=3&break_after=2"``, which also fits a BRIDGE_MODELS route) or in a
-``"fake": {...}`` object in the body, which wins.
+``"fake": {...}`` object in the body, which wins. ``stamp=1`` puts the write time into the
+token text itself (``t<i>@<epoch us> ``), which passes through the bridge unchanged: the
+benchmark (``python -m bench``) measures each token's added latency with it.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ class Behaviour:
     finish_reason: str | None = "stop"  # None: send no finish chunk
     done: bool = True  # send `data: [DONE]`
     content: tuple[str, ...] | None = None  # token texts instead of t0, t1, ...
+    stamp: bool = False  # token texts `t<i>@<epoch microseconds at write> ` (the benchmark's)
     pad: int = 0  # pad each default token text with "x" to this many characters
 
     def token(self, index: int) -> str:
         """The text of token `index`."""
+        if self.stamp:
+            return f"t{index}@{time.time_ns() // 1000} "
         if self.content is not None:
             return self.content[index]
         return f"t{index} ".ljust(self.pad, "x")
@@ -78,6 +83,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "finish_reason": _maybe(str),
     "done": _flag,
     "content": lambda value: tuple(str(item) for item in value),
+    "stamp": _flag,
     "pad": int,
 }
 
@@ -291,22 +297,25 @@ class FakeUpstream:
         base["created"] = int(time.time())
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
         await conn.send(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
+        # The chunk's fixed part is encoded once: thousands of streams run on one core.
+        head_json = json.dumps(base, separators=(",", ":"))[:-1] + ',"choices":[{"index":0,'
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         for index in range(how.tokens):
             if index == how.break_after:
                 return False
             if index == how.malformed_after:
                 await conn.send(_sse("{this is not json"))
             if how.delay_ms > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(how.delay_ms / 1000):
-                        await request.disconnected.wait()
+                due += how.delay_ms / 1000  # paced, so a busy moment does not lower the rate
+                await asyncio.sleep(max(due - loop.time(), 0.0))
             if request.disconnected.is_set():
                 return False
             delta = {"content": how.token(index)}
             if index == 0:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "finish_reason": None}
-            await conn.send(_sse({**base, "choices": [choice], "bridge_ts": time.time()}))
+            tail_json = f',"finish_reason":null}}],"bridge_ts":{time.time()!r}}}'
+            await conn.send(_sse(head_json + '"delta":' + json.dumps(delta) + tail_json))
         if how.break_after is not None and how.break_after >= how.tokens:
             return False
         tail = b""
@@ -337,13 +346,20 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the fake as a process until SIGTERM or SIGINT."""
+    """Run the fake as a process until SIGTERM or SIGINT (on uvloop when it is installed)."""
     parser = argparse.ArgumentParser(description="Fake OpenAI-compatible streaming upstream.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--delay-ms", type=float, default=0.0)
-    asyncio.run(_run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_run(args))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_run(args))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,14 @@ async def sse_stream(
     return SSEResponse(
         sub=sub,
         manager=runtime.manager,
-        history=partial(replay, runtime.redis, runtime.keys, session, stats=runtime.history_stats),
+        history=partial(
+            replay,
+            runtime.redis,
+            runtime.keys,
+            session,
+            known_models=runtime.fanout.models if runtime.fanout is not None else None,
+            stats=runtime.history_stats,
+        ),
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
     )

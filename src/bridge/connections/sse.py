@@ -71,7 +71,10 @@ def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[fl
     token_ts = []
     for env in batch:
         if sub.accept(env.model, env.entry_id):
-            out.append(sse_frame(env.event.type.value, env.sse_data, sub.cursor_text))
+            if len(sub.cursor) == 1:  # the cursor is this entry's id: the shared bytes
+                out.append(env.frame)
+            else:
+                out.append(sse_frame(env.event.type.value, env.sse_data, sub.cursor_text))
             if env.event.type is EventType.TOKEN:
                 token_ts.append(env.event.ts)
     return b"".join(out), token_ts

@@ -18,6 +18,7 @@ import msgspec
 
 from bridge.errors import ConfigError, ProviderError, ProviderTimeout, ProviderUnavailable
 from bridge.providers.base import Delta, Finish, ProviderRequest, Usage
+from bridge.providers.transport import StreamingTransport
 
 _MAX_LINE_BYTES = 1 << 20  # a longer SSE line means the upstream is not speaking SSE
 _MAX_ERROR_BYTES = 64 * 1024
@@ -198,11 +199,7 @@ class OpenAIProvider:
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=self._timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=30.0,
-            ),
+            transport=StreamingTransport(max_connections=max_connections, keepalive_expiry=30.0),
         )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Delta | Finish]:

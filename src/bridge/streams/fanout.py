@@ -60,10 +60,23 @@ class FanoutReader:
         self._index_owner: dict[bytes, str] = {}  # session index key -> session
         self.malformed = 0
         self.connected = False
+        # a wake-up is on its way: the next XREAD includes every key added until it is sent
+        self._wake_pending = False
 
     @property
     def tracked_sessions(self) -> int:
         return len(self._session_keys)
+
+    def models(self, session: str) -> set[str] | None:
+        """Models of `session` whose streams are tailed, or None if the session is not tracked.
+
+        Complete up to the last index entry read: a model announced later is tailed from
+        its stream's first entry as soon as its index entry is read.
+        """
+        tailed = self._session_keys.get(session)
+        if not tailed:  # not tracked, or its tracking has not finished
+            return None
+        return {self._stream_owner[key][1] for key in tailed if key in self._stream_owner}
 
     async def track(self, session: str) -> None:
         """Start tailing `session`: its index and every model stream it has, from their ends."""
@@ -112,6 +125,7 @@ class FanoutReader:
                 await backoff.wait()
 
     async def _read_once(self) -> None:
+        self._wake_pending = False  # keys added from here on need a wake-up of their own
         streams: dict[Any, Any] = dict(self._positions)
         result: Any = await self._reader.xread(streams, count=self._count, block=self._block_ms)
         self.connected = True
@@ -155,8 +169,19 @@ class FanoutReader:
         self._session_keys[session].add(key)
 
     async def _wake(self) -> None:
-        await self._redis.xadd(self._wake_key, {"w": 1}, maxlen=10, approximate=False)
-        await self._redis.expire(self._wake_key, 3600)
+        # Coalesced: a burst of new sessions (thousands of tabs reconnecting) would otherwise
+        # re-issue the whole multiplexed XREAD once per session.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": 1}, maxlen=10, approximate=False)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except BaseException:
+            self._wake_pending = False
+            raise
 
     async def aclose(self) -> None:
         """Remove this reader's wake-up stream."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -52,14 +52,21 @@ async def replay(
     cursor: Cursor,
     *,
     page: int = 500,
+    known_models: Callable[[str], set[str] | None] | None = None,
     stats: HistoryStats | None = None,
 ) -> AsyncIterator[list[Envelope] | Gap]:
     """Yield every retained entry after `cursor`, model by model, announcing gaps first.
 
+    `known_models(session)` may answer from the fan-out reader, which tails the session's
+    index already: a stream it has not seen yet is delivered live from its first entry, so
+    the catch-up need not read the index again (one round trip less per connection).
     Entries that do not decode are skipped with a log line and counted in `stats`.
     """
     stats = stats or HistoryStats()
-    models = sorted(await session_models(redis, keys, session) | set(cursor))
+    known = known_models(session) if known_models is not None else None
+    if known is None:
+        known = await session_models(redis, keys, session)
+    models = sorted(known | set(cursor))
     if not models:
         return
     async with redis.pipeline(transaction=False) as pipe:

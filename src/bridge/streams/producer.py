@@ -29,16 +29,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.backoff import Backoff
 from bridge.errors import Fenced, GenerationStopped
 from bridge.settings import Settings
+from bridge.streams.batching import ScriptBatcher
 from bridge.streams.codec import EventType, StreamEvent, now_ms, to_fields
 from bridge.streams.keys import Keys
 from bridge.streams.processor import GenerationContext, Processor, ProcessorChain
 
 log = structlog.get_logger("bridge.producer")
 
+_encode = msgspec.json.Encoder().encode
+
 APPEND_SCRIPT = """
 -- KEYS: stream, generation hash, usage hash
 -- ARGV: epoch, maxlen, ttl, usage field, final status ("" if none), session token limit
---       (0: none), entry count, then per entry: seq, is_token, field count, fields...
+--       (0: none), entries as one JSON array of [seq, is_token, field, value, ...]
+--       (one argument instead of a dozen per entry: packing arguments was the client's
+--       largest cost per token)
 -- Returns {last stored seq, 1 if the session token limit stopped the batch else 0}.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
@@ -47,11 +52,8 @@ end
 local last_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local status = redis.call('HGET', KEYS[2], 'status')
 if status == 'complete' or status == 'error' or status == 'cancelled' then
-  local newest, j = 0, 8
-  for _ = 1, tonumber(ARGV[7]) do
-    newest = math.max(newest, tonumber(ARGV[j]))
-    j = j + 3 + tonumber(ARGV[j + 2])
-  end
+  local newest = 0
+  for _, entry in ipairs(cjson.decode(ARGV[7])) do newest = math.max(newest, entry[1]) end
   if newest <= last_seq then
     return {last_seq, 0}  -- a retry of a batch that is already stored: nothing to do
   end
@@ -60,26 +62,23 @@ end
 local limit = tonumber(ARGV[6])
 local used = 0
 if limit > 0 then used = tonumber(redis.call('HGET', KEYS[3], '*') or '0') end
-local i = 8
 local tokens = 0
 local limited = 0
-for _ = 1, tonumber(ARGV[7]) do
-  local seq = tonumber(ARGV[i])
-  local is_token = ARGV[i + 1] == '1'
-  local n = tonumber(ARGV[i + 2])
+for _, entry in ipairs(cjson.decode(ARGV[7])) do
+  local seq = entry[1]
+  local is_token = entry[2] == 1
   if seq > last_seq then
     if is_token and limit > 0 and used + tokens >= limit then
       limited = 1
       break
     end
     local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
-    for j = i + 3, i + 2 + n do args[#args + 1] = ARGV[j] end
+    for j = 3, #entry do args[#args + 1] = entry[j] end
     local id = redis.call(unpack(args))
     if last_seq == 0 then redis.call('HSET', KEYS[2], 'first', id) end
     last_seq = seq
     if is_token then tokens = tokens + 1 end
   end
-  i = i + 3 + n
 end
 redis.call('HSET', KEYS[2], 'seq', last_seq)
 if tokens > 0 then
@@ -113,7 +112,8 @@ class StreamProducer:
         self._redis = redis
         self._keys = keys
         self._settings = settings
-        self._script = redis.register_script(APPEND_SCRIPT)
+        # appends of all this process's generations share round trips (see batching)
+        self._script = ScriptBatcher(redis, APPEND_SCRIPT)
 
     def writer(
         self, ctx: GenerationContext, *, last_seq: int = 0, chain: Processor | None = None
@@ -135,19 +135,12 @@ class StreamProducer:
         """Append `events` atomically with the fencing, idempotency and accounting checks."""
         final = events[-1].type.value if events and events[-1].terminal else ""
         ttl = self._settings.stream_ttl_s if final else self.active_ttl
-        limit = self._settings.session_token_limit
-        args: list[Any] = [
-            epoch,
-            self._settings.stream_maxlen,
-            ttl,
-            model,
-            final,
-            limit,
-            len(events),
+        entries = [
+            [event.seq, 1 if event.type is EventType.TOKEN else 0, *to_fields(event)]
+            for event in events
         ]
-        for event in events:
-            fields = to_fields(event)
-            args += [event.seq, 1 if event.type is EventType.TOKEN else 0, len(fields), *fields]
+        limit = self._settings.session_token_limit
+        args = [epoch, self._settings.stream_maxlen, ttl, model, final, limit, _encode(entries)]
         keys = [
             self._keys.stream(session, model),
             self._keys.generation(request_id),

@@ -1,0 +1,91 @@
+"""Calls of one Lua script from many tasks, sent together in pipelines.
+
+Every generation of a worker appends its tokens with its own script call. Sent one by one,
+each call pays redis-py's per-command cost (pool checkout, timeouts, a write and a read);
+sent together, calls that became ready during the same round trip share one pipeline. Each
+call keeps its own result or error, and stays atomic on the server (a script runs whole), so
+batching changes neither ordering (a caller awaits its call before making the next) nor
+durability (a call returns only once Redis answered it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+_Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class ScriptBatcher:
+    """`await batcher(keys=..., args=...)`, like a registered script, with shared round trips.
+
+    One pipeline is in flight at a time; calls made meanwhile go in the next one. A server
+    that lost the script (restart, `SCRIPT FLUSH`) gets it loaded again and the calls that
+    failed on it are sent once more (the append script is idempotent by sequence).
+    """
+
+    def __init__(self, redis: Redis, script: str, *, max_batch: int = 512) -> None:
+        self._redis = redis
+        self._registered = redis.register_script(script)
+        self._max_batch = max_batch
+        self._queue: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
+        self.round_trips = 0
+
+    async def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all(), name="script-batcher")
+        return await future
+
+    async def _send_all(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._send(batch, reload=True)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[_Call], *, reload: bool) -> None:
+        sha = self._registered.sha
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            self.round_trips += 1
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        missing: list[_Call] = []
+        for call, result in zip(batch, results, strict=True):
+            future = call[2]
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, NoScriptError) and reload:
+                missing.append(call)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if missing:
+            try:
+                await self._redis.script_load(self._registered.script)
+            except BaseException as exc:
+                for _, _, future in missing:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            await self._send(missing, reload=False)

@@ -1,0 +1,61 @@
+"""The benchmark suite keeps working: a smoke run of every scenario, a few sessions each.
+
+Timing is never asserted here (benchmarks are not pass/fail tests); correctness is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
+    """`python -m bench --smoke` runs S1-S5 on its own processes and writes its results."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--smoke",
+            "--repeats",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    [results] = tmp_path.glob("*/results.json")
+    document = json.loads(results.read_text())
+    runs = document["runs"]
+    assert sorted(runs) == ["S1", "S2", "S3", "S4", "S5"]
+    for name in ("S1", "S2", "S4"):
+        [run] = runs[name]
+        assert (name, run["lost"], run["duplicates"], run["incomplete"]) == (name, 0, 0, 0)
+        assert run["delivered"] == run["expected"]
+    assert runs["S4"][0]["reconnects"] == runs["S4"][0]["connections"]
+    [ramp] = runs["S3"]
+    assert ramp["steps"], ramp
+    for step in ramp["steps"]:  # a step may fail on latency (a busy machine), never on loss
+        assert (step["lost"], step["duplicates"], step["incomplete"]) == (0, 0, 0), step
+    [idle] = runs["S5"]
+    assert idle["alive_after_hold"] == idle["connections"]
+    assert (results.parent / "summary.md").read_text().startswith("Date ")
+    assert {p.name for p in results.parent.glob("*.svg")} == {f"S{i}.svg" for i in range(1, 6)}
