@@ -77,18 +77,21 @@ def start_bridge(
     return BridgeProcess(proc, f"http://127.0.0.1:{port}", log_path)
 
 
-async def wait_ready(server: BridgeProcess, timeout: float = 30.0) -> None:
-    """Wait until `/health/ready` answers 200 (the worker heartbeat included)."""
+async def wait_ready(
+    server: BridgeProcess, timeout: float = 30.0, *, path: str = "/health/ready"
+) -> None:
+    """Wait until `path` answers 200: readiness (the worker heartbeat included) by default;
+    `/health/live` for a process without a worker, which never becomes ready."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=server.base_url, timeout=2.0) as http:
         while time.monotonic() < deadline:
             if server.proc.poll() is not None:
                 raise RuntimeError(f"bridge exited {server.proc.returncode}:\n{server.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/health/ready")).status_code == 200:
+                if (await http.get(path)).status_code == 200:
                     return
             await asyncio.sleep(0.05)  # waiting on an external process coming up
-    raise TimeoutError(f"bridge not ready in {timeout} s:\n{server.log()}")
+    raise TimeoutError(f"bridge not answering {path} in {timeout} s:\n{server.log()}")
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.providers.mock import mock_answer
-from tests.redis_fixtures import delete_prefixed, free_port
+from tests.faults import upstream_process
+from tests.redis_fixtures import delete_prefixed
 from tests.servers import (
     BridgeProcess,
     bridge_env,
@@ -39,17 +39,8 @@ MODELS = (
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     """A fake OpenAI-compatible upstream in its own process."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(free_port())],
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    assert line.startswith("READY "), line
-    yield line.removeprefix("READY ")
-    proc.terminate()
-    proc.wait(10)
-    proc.stdout.close()
+    with upstream_process() as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")

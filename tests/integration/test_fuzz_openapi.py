@@ -8,8 +8,6 @@ limit on the whole module's tests well under a minute each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +23,7 @@ from schemathesis.checks import not_a_server_error
 
 from bridge.access import StreamTokens
 from tests.redis_fixtures import delete_prefixed
-from tests.servers import BridgeProcess, bridge_env, start_bridge
+from tests.servers import bridge_env, start_bridge, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -38,20 +36,6 @@ FUZZ_SETTINGS = settings(
 )
 
 
-async def wait_live(server: BridgeProcess, timeout: float = 30.0) -> None:
-    """Wait until `/health/live` answers (there is no worker, so readiness never passes)."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited {server.proc.returncode}:\n{server.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/health/live")).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)  # waiting on an external process coming up
-    raise TimeoutError(f"bridge not live in {timeout} s:\n{server.log()}")
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `bridge serve --no-worker` (fuzzed requests are queued, never generated)."""
@@ -60,7 +44,7 @@ def fuzz_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     logs = tmp_path_factory.mktemp("logs")
     server = start_bridge(["serve", "--no-worker"], env, str(logs / "fuzz.log"))
     try:
-        asyncio.run(wait_live(server))
+        asyncio.run(wait_ready(server, path="/health/live"))
         yield server.base_url
     finally:
         server.stop()

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.settings import Settings
+from tests.faults import upstream_process
 from tests.redis_fixtures import delete_prefixed, free_port
 from tests.servers import (
     BridgeProcess,
@@ -41,17 +42,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     """A fake OpenAI-compatible upstream in its own process."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(free_port())],
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    assert line.startswith("READY "), line
-    yield line.removeprefix("READY ")
-    proc.terminate()
-    proc.wait(10)
-    proc.stdout.close()
+    with upstream_process() as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")

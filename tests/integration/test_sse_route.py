@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.servers import BridgeProcess, bridge_env, start_bridge
+from tests.servers import BridgeProcess, bridge_env, start_bridge, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -23,24 +21,10 @@ def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     log = tmp_path_factory.mktemp("sse") / "serve.log"
     process = start_bridge(["serve", "--no-worker"], env, str(log))
     try:
-        asyncio.run(wait_live(process))
+        asyncio.run(wait_ready(process, path="/health/live"))
         yield process
     finally:
         process.stop()
-
-
-async def wait_live(process: BridgeProcess, timeout: float = 30.0) -> None:
-    """Wait until `/health/live` answers (readiness needs a worker, which this one lacks)."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=process.base_url, timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            if process.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited:\n{process.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/health/live")).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)  # waiting on an outside process to come up
-    raise TimeoutError(f"bridge not live in {timeout} s:\n{process.log()}")
 
 
 @pytest.mark.parametrize(
