@@ -208,3 +208,27 @@ async def start_chat(
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def serving(
+    args: list[str], env: Mapping[str, str], log_path: str, redis_url: str, prefix: str
+) -> Iterator[BridgeProcess]:
+    """A ready `bridge <args>` process; afterwards it is stopped and its prefix's keys deleted."""
+    from tests.redis_fixtures import delete_prefixed
+
+    process = start_bridge(args, env, log_path)
+    try:
+        asyncio.run(wait_ready(process))
+        yield process
+    finally:
+        process.stop()
+
+        async def clean() -> None:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(redis_url)
+            await delete_prefixed(client, prefix)
+            await client.aclose()
+
+        asyncio.run(clean())

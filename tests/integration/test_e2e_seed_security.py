@@ -3,21 +3,18 @@ API keys: producers need a key and are rate limited per key; reads by a minted i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import InvalidStatus
 
 from bridge.auth import hash_key
-from tests.redis_fixtures import delete_prefixed
 from tests.seed_server import recv
-from tests.servers import BridgeProcess, bridge_env, start_bridge, wait_ready
+from tests.servers import BridgeProcess, bridge_env, serving
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +35,10 @@ def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         BRIDGE_WS_MESSAGE_BURST="2",
         BRIDGE_SEED_STREAMS="off",
     )
-    process = start_bridge(["serve"], env, str(tmp_path_factory.mktemp("logs") / "keys.log"))
-    try:
-        asyncio.run(wait_ready(process))
+    with serving(
+        ["serve"], env, str(tmp_path_factory.mktemp("logs") / "keys.log"), redis_url, prefix
+    ) as process:
         yield process
-    finally:
-        process.stop()
-
-        async def clean() -> None:
-            client = aioredis.Redis.from_url(redis_url)
-            await delete_prefixed(client, prefix)
-            await client.aclose()
-
-        asyncio.run(clean())
 
 
 @pytest.fixture

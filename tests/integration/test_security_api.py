@@ -22,15 +22,13 @@ from bridge.access import StreamTokens
 from bridge.auth import hash_key
 from bridge.redis_select import make_client
 from bridge.settings import Settings
-from tests.redis_fixtures import delete_prefixed
 from tests.servers import (
     BridgeProcess,
     bridge_env,
     open_stream,
     payloads,
-    start_bridge,
+    serving,
     tokens,
-    wait_ready,
 )
 
 pytestmark = pytest.mark.integration
@@ -65,19 +63,9 @@ def server(
         BRIDGE_MAX_SSE_PER_ADDRESS="5",
         BRIDGE_CORS_ORIGINS=CORS_ORIGIN,
     )
-    process = start_bridge(["serve"], env, str(tmp_path_factory.mktemp("logs") / "guarded.log"))
-    try:
-        asyncio.run(wait_ready(process))
+    log = str(tmp_path_factory.mktemp("logs") / "guarded.log")
+    with serving(["serve"], env, log, redis_url, prefix) as process:
         yield process
-    finally:
-        process.stop()
-
-        async def clean() -> None:
-            client = aioredis.Redis.from_url(redis_url)
-            await delete_prefixed(client, prefix)
-            await client.aclose()
-
-        asyncio.run(clean())
 
 
 @pytest.fixture

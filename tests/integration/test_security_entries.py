@@ -7,7 +7,6 @@ fields, and session indexes naming models that are not safe ids.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,8 +23,7 @@ from bridge.streams.codec import EventType, StreamEvent, to_fields
 from bridge.streams.keys import Keys
 from bridge.streams.processor import GenerationContext
 from bridge.streams.producer import StreamProducer
-from tests.redis_fixtures import delete_prefixed
-from tests.servers import BridgeProcess, bridge_env, open_stream, start_bridge, wait_ready
+from tests.servers import BridgeProcess, bridge_env, open_stream, serving
 
 pytestmark = pytest.mark.integration
 
@@ -59,19 +57,10 @@ def server(
 ) -> Iterator[BridgeProcess]:
     """One `bridge serve` with no API keys configured (open)."""
     env = bridge_env(redis_url, prefix)
-    process = start_bridge(["serve"], env, str(tmp_path_factory.mktemp("logs") / "open.log"))
-    try:
-        asyncio.run(wait_ready(process))
+    with serving(
+        ["serve"], env, str(tmp_path_factory.mktemp("logs") / "open.log"), redis_url, prefix
+    ) as process:
         yield process
-    finally:
-        process.stop()
-
-        async def clean() -> None:
-            client = aioredis.Redis.from_url(redis_url)
-            await delete_prefixed(client, prefix)
-            await client.aclose()
-
-        asyncio.run(clean())
 
 
 @pytest.fixture
