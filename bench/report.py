@@ -51,6 +51,7 @@ TARGETS = (
     Target("S5", "bridge memory KiB/connection <= 10", ("memory_kib_per_connection",), _LE, 10),
     Target("S5", f"Redis connections <= {REDIS_CLIENTS_LIMIT} (not one per SSE)",
            ("redis_clients_during",), _LE, REDIS_CLIENTS_LIMIT),
+    Target("S5", "connections refused = 0", ("refused",), _LE, 0),
     Target("S5", "2,000 connections open in < 2 s", ("open_all_s",), _LT, 2),
 )  # fmt: skip
 
@@ -162,9 +163,9 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
         cpu = idle["idle_cpu_percent"]
         out += ["**S5 idle**", ""]
         out += _table(
-            ["connections", "open all (s)", "open p99 (ms)", "KiB/conn", "Redis conns before",
+            ["connections", "opened", "open all (s)", "open p99 (ms)", "KiB/conn", "Redis conns before",
              "Redis conns during", "idle CPU % serve", "idle CPU % redis"],
-            [[idle["connections"], idle["open_all_s"], idle["open_ms"]["p99"],
+            [[idle["connections"], idle["opened"], idle["open_all_s"], idle["open_ms"]["p99"],
               idle["memory_kib_per_connection"], idle["redis_clients_before"],
               idle["redis_clients_during"], cpu.get("serve"), cpu.get("redis")]],
         )  # fmt: skip

@@ -290,6 +290,7 @@ async def run_idle(stack: Stack, scenario: Scenario, progress: Progress) -> dict
     return {
         "connections": count,
         "opened": len(opened),
+        "refused": count - len(opened),
         "alive_after_hold": alive,
         "open_all_s": round(max(open_times, default=0) / 1e6, 3),
         "open_ms": summarize_us(open_times),

@@ -112,6 +112,8 @@ class Stack:
             BRIDGE_KEY_PREFIX=KEY_PREFIX,
             BRIDGE_STREAM_SECRET=SECRET,
             BRIDGE_WORKER_CONCURRENCY="2048",
+            # every bench client comes from 127.0.0.1: the per-address cap would stop S5 at 1,000
+            BRIDGE_MAX_SSE_PER_ADDRESS="0",
             BRIDGE_MODELS=",".join(model_route(t, r) for t, r in sorted({WARM_UP, *self.shapes})),
             OPENAI_BASE_URL=line.removeprefix("READY "),
             BRIDGE_LOG_FORMAT="json",
