@@ -163,8 +163,8 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
         cpu = idle["idle_cpu_percent"]
         out += ["**S5 idle**", ""]
         out += _table(
-            ["connections", "opened", "open all (s)", "open p99 (ms)", "KiB/conn", "Redis conns before",
-             "Redis conns during", "idle CPU % serve", "idle CPU % redis"],
+            ["connections", "opened", "open all (s)", "open p99 (ms)", "KiB/conn",
+             "Redis conns before", "Redis conns during", "idle CPU % serve", "idle CPU % redis"],
             [[idle["connections"], idle["opened"], idle["open_all_s"], idle["open_ms"]["p99"],
               idle["memory_kib_per_connection"], idle["redis_clients_before"],
               idle["redis_clients_during"], cpu.get("serve"), cpu.get("redis")]],

@@ -23,14 +23,14 @@ _BLOCKING = frozenset({"XREAD", "XREADGROUP"})
 _timers: dict[str, Any] = {}  # command -> its histogram child, bound once
 
 
-def _observe(command: str, seconds: float) -> None:
+def observe_command(command: str, seconds: float) -> None:
     timer = _timers.get(command)
     if timer is None:
         timer = _timers[command] = metrics.REDIS_COMMAND_DURATION.labels(command)
     timer.observe(seconds)
 
 
-def _failed(command: str, exc: Exception) -> None:
+def record_failure(command: str, exc: Exception) -> None:
     if isinstance(exc, ResponseError) and str(exc).startswith(_EXPECTED_REPLIES):
         return
     metrics.REDIS_ERRORS.labels(command, type(exc).__name__).inc()
@@ -46,10 +46,10 @@ class ObservedRedis(Redis):
         try:
             result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         except Exception as exc:
-            _failed(command, exc)
+            record_failure(command, exc)
             raise
         if command not in _BLOCKING or b"BLOCK" not in args:
-            _observe(command, time.perf_counter() - started)
+            observe_command(command, time.perf_counter() - started)
         return result
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
@@ -69,7 +69,7 @@ class ObservedPipeline(Pipeline):
         try:
             result = await super().execute(raise_on_error)
         except Exception as exc:
-            _failed(command, exc)
+            record_failure(command, exc)
             raise
-        _observe(command, time.perf_counter() - started)
+        observe_command(command, time.perf_counter() - started)
         return result

@@ -19,6 +19,7 @@ from bridge.errors import CloseReason, RedisUnavailable
 from bridge.health import HealthMonitor
 from bridge.providers.registry import ProviderRegistry
 from bridge.ratelimit import RateLimiter
+from bridge.redis_raw import RawConnection
 from bridge.redis_select import RedisChoice, make_client, select_redis
 from bridge.redis_watch import RedisWatch
 from bridge.seeds import seed_streams, worker_modes
@@ -73,7 +74,12 @@ class Runtime:
         self.tasks: list[BackgroundTask] = []
         if with_api:
             self.fanout = FanoutReader(
-                self._blocking_client(choice.url, blocking_timeout),
+                RawConnection(
+                    self._blocking_client(choice.url, blocking_timeout),
+                    name="XREAD",
+                    timeout_s=blocking_timeout,
+                    timed=False,
+                ),
                 redis,
                 self.keys,
                 self.manager.deliver,

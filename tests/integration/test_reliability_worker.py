@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from bridge.errors import GenerationStopped
 from bridge.providers.base import Message
 from bridge.providers.registry import ProviderRegistry
+from bridge.redis_raw import RawConnection
 from bridge.redis_select import make_client
 from bridge.settings import Settings, parse_models
 from bridge.streams.codec import EntryId, EventType, StreamEvent, from_fields
@@ -206,7 +207,11 @@ async def test_readers_skip_and_count_malformed_entries(
     assert settings.redis_url is not None
     blocking = make_client(settings.redis_url, settings, socket_timeout=10)
     reader = FanoutReader(
-        blocking, redis, keys, lambda s, m, batch: delivered.extend(batch), block_ms=200
+        RawConnection(blocking, name="XREAD", timed=False),
+        redis,
+        keys,
+        lambda s, m, batch: delivered.extend(batch),
+        block_ms=200,
     )
     await redis.xadd(keys.session_index("s"), {"m": "mock", "r": "r"})
     await reader.track("s")

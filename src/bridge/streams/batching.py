@@ -1,8 +1,8 @@
 """Calls of one Lua script from many tasks, sent together in pipelines.
 
 Every generation of a worker appends its tokens with its own script call. Sent one by one,
-each call pays redis-py's per-command cost (pool checkout, timeouts, a write and a read);
-sent together, calls that became ready during the same round trip share one pipeline. Each
+each call pays a write and a read; sent together, calls that became ready during the same
+round trip share one pipeline, packed by hand on a dedicated connection (`redis_raw`). Each
 call keeps its own result or error, and stays atomic on the server (a script runs whole), so
 batching changes neither ordering (a caller awaits its call before making the next) nor
 durability (a call returns only once Redis answered it).
@@ -16,6 +16,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from bridge.redis_raw import RawConnection, bulk
 
 _Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -31,6 +33,8 @@ class ScriptBatcher:
     def __init__(self, redis: Redis, script: str, *, max_batch: int = 512) -> None:
         self._redis = redis
         self._registered = redis.register_script(script)
+        self._connection = RawConnection(redis, name="EVALSHA")
+        self._evalsha = bulk("EVALSHA") + bulk(self._registered.sha)
         self._max_batch = max_batch
         self._queue: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
@@ -52,13 +56,15 @@ class ScriptBatcher:
         finally:
             self._sender = None
 
+    def _packed(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+        parts = [bulk(len(keys)), *map(bulk, keys), *map(bulk, args)]
+        return b"".join((b"*%d\r\n" % (len(parts) + 2), self._evalsha, *parts))
+
     async def _send(self, batch: list[_Call], *, reload: bool) -> None:
-        sha = self._registered.sha
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._connection.call(
+                [self._packed(keys, args) for keys, args, _ in batch], len(batch)
+            )
             self.round_trips += 1
         except BaseException as exc:
             for _, _, future in batch:

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
+from bridge.redis_raw import RawConnection, bulk
 from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
 from bridge.streams.keys import Keys, indexed_model
 
@@ -39,7 +40,7 @@ class FanoutReader:
 
     def __init__(
         self,
-        reader: Redis,
+        reader: RawConnection,
         redis: Redis,
         keys: Keys,
         deliver: Deliver,
@@ -48,13 +49,19 @@ class FanoutReader:
         count: int = 500,
     ) -> None:
         self._reader = reader  # a dedicated connection: it spends its life blocked
+        self._xread_head = b"".join(
+            bulk(arg) for arg in ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
+        )
         self._redis = redis
         self._keys = keys
         self._deliver = deliver
         self._block_ms = block_ms
         self._count = count
         self._wake_key = f"{keys.prefix}fanout:{uuid.uuid4().hex}"
-        self._positions: dict[bytes, bytes] = {self._wake_key.encode(): b"0-0"}
+        self._positions: dict[bytes, bytes] = {}
+        # key -> its XREAD arguments (key, position), packed once per change, not per read
+        self._packed: dict[bytes, tuple[bytes, bytes]] = {}
+        self._set_position(self._wake_key.encode(), b"0-0")
         self._session_keys: dict[str, set[bytes]] = {}
         self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
         self._index_owner: dict[bytes, str] = {}  # session index key -> session
@@ -107,6 +114,7 @@ class FanoutReader:
         """Stop tailing `session` (its last local listener left)."""
         for key in self._session_keys.pop(session, set()):
             self._positions.pop(key, None)
+            self._packed.pop(key, None)
             self._stream_owner.pop(key, None)
             self._index_owner.pop(key, None)
 
@@ -124,34 +132,52 @@ class FanoutReader:
                 self.connected = False
                 await backoff.wait()
 
+    def _set_position(self, key: bytes, position: bytes) -> None:
+        self._positions[key] = position
+        self._packed[key] = (
+            self._packed[key][0] if key in self._packed else bulk(key),
+            bulk(position),
+        )
+
+    def _xread_command(self) -> bytes:
+        """`XREAD COUNT c BLOCK b STREAMS key... id...`, from the packed parts."""
+        packed = self._packed.values()
+        return b"".join(
+            (
+                b"*%d\r\n" % (2 * len(packed) + 6),
+                self._xread_head,
+                *(key for key, _ in packed),
+                *(position for _, position in packed),
+            )
+        )
+
     async def _read_once(self) -> None:
         self._wake_pending = False  # keys added from here on need a wake-up of their own
-        streams: dict[Any, Any] = dict(self._positions)
-        result: Any = await self._reader.xread(streams, count=self._count, block=self._block_ms)
+        (result,) = await self._reader.call(self._xread_command())
+        if isinstance(result, Exception):
+            raise result
         self.connected = True
         for key, entries in result or ():
             if key not in self._positions or not entries:
                 continue  # untracked while the read was in flight
-            self._positions[key] = entries[-1][0]
+            self._set_position(key, entries[-1][0])
             if key in self._index_owner:
                 self._on_index(self._index_owner[key], entries)
             elif key in self._stream_owner:
                 session, model = self._stream_owner[key]
                 self._on_stream(session, model, entries)
 
-    def _on_index(self, session: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        for _, fields in entries:
-            model = indexed_model(fields)
+    def _on_index(self, session: str, entries: list[list[Any]]) -> None:
+        for _, flat in entries:
+            model = indexed_model(_pairs(flat))
             if model and self._keys.stream(session, model).encode() not in self._stream_owner:
                 self._add_stream(session, model, b"0-0")  # new stream: all of it is news
 
-    def _on_stream(
-        self, session: str, model: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
-    ) -> None:
+    def _on_stream(self, session: str, model: str, entries: list[list[Any]]) -> None:
         batch: list[tuple[EntryId, StreamEvent]] = []
-        for entry_id, fields in entries:
+        for entry_id, flat in entries:
             try:
-                batch.append((parse_entry_id(entry_id), from_fields(fields)))
+                batch.append((parse_entry_id(entry_id), from_fields(_pairs(flat))))
             except MalformedEntry as exc:
                 self.malformed += 1
                 metrics.MALFORMED_ENTRIES.labels("fanout").inc()
@@ -165,7 +191,8 @@ class FanoutReader:
         self._stream_owner[key] = (session, model)
 
     def _add(self, session: str, key: bytes, position: bytes) -> None:
-        self._positions.setdefault(key, position)
+        if key not in self._positions:
+            self._set_position(key, position)
         self._session_keys[session].add(key)
 
     async def _wake(self) -> None:
@@ -187,3 +214,11 @@ class FanoutReader:
         """Remove this reader's wake-up stream."""
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             await self._redis.delete(self._wake_key)
+
+
+def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    """A raw entry's `[field, value, ...]` as a dict (an entry deleted meanwhile has none)."""
+    if not flat:
+        return {}
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))

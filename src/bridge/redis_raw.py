@@ -1,0 +1,104 @@
+"""A dedicated Redis connection for the two hot paths, with commands packed by hand.
+
+The fan-out reader's `XREAD` and the producer's batched `EVALSHA` run once per token or so.
+Through redis-py's client, each call paid for a pool checkout, a task for its write timeout,
+argument packing one value at a time and reply callbacks: a fifth of the API process and a
+quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its command once
+(`pack`, or cached parts of it) and the connection only writes bytes and reads raw replies.
+
+The connection is one of the client's pool, checked out for good, so the URL, TLS,
+authentication, database and connect timeout are the client's, and closing the client
+closes it. It
+serves one caller at a time (the fan-out loop, the script batcher's single sender). Any
+failure or cancellation mid-call disconnects it: a later call reconnects rather than read a
+stale reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bridge.redis_metrics import observe_command, record_failure
+
+
+def bulk(value: bytes | str | int) -> bytes:
+    """One RESP bulk string."""
+    if isinstance(value, str):
+        value = value.encode()
+    elif isinstance(value, int):
+        value = str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def pack(*args: bytes | str | int) -> bytes:
+    """A whole command in RESP: `pack("XADD", key, "*", "f", value)`."""
+    return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args)
+
+
+class RawConnection:
+    """Send packed commands on one connection; read their raw (RESP2) replies."""
+
+    def __init__(
+        self, client: Redis, *, name: str, timeout_s: float | None = None, timed: bool = True
+    ) -> None:
+        self._pool = client.connection_pool
+        self._conn: AbstractConnection | None = None
+        # default: the client's own socket timeout (a blocking reader's is longer)
+        self._timeout_s = timeout_s or self._pool.connection_kwargs.get("socket_timeout") or 5.0
+        self.name = name  # the command label of its metrics
+        self._timed = timed  # False for blocking reads: their duration is the wait
+
+    async def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            # Checked out of the client's pool for good: closing the client closes it too.
+            conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            # No socket timeout inside redis-py (it costs a task per write): `call` bounds
+            # the whole exchange itself.
+            conn.socket_timeout = None
+            self._conn = conn
+        return self._conn
+
+    async def call(
+        self, packed: bytes | list[bytes], replies: int = 1, *, timeout_s: float | None = None
+    ) -> list[Any]:
+        """Send `packed` (`replies` commands) and return their replies, in order.
+
+        An error reply is returned as its `ResponseError` in its place, so one failing
+        command of a batch leaves the others' results readable. Connection errors and
+        timeouts raise redis-py's `ConnectionError` / `TimeoutError`.
+        """
+        started = time.perf_counter()
+        conn: AbstractConnection | None = None
+        try:
+            async with asyncio.timeout(self._timeout_s if timeout_s is None else timeout_s):
+                conn = await self._connection()
+                await conn.send_packed_command(packed, check_health=False)
+                results: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        results.append(exc)
+        except TimeoutError:
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+            timeout = RedisTimeoutError(f"Redis did not answer {self.name} in time")
+            record_failure(self.name, timeout)
+            raise timeout from None
+        except BaseException as exc:
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+            if isinstance(exc, Exception):
+                record_failure(self.name, exc)
+            raise
+        if self._timed:
+            observe_command(self.name, time.perf_counter() - started)
+        return results

@@ -1,0 +1,86 @@
+"""RawConnection: hand-packed commands on a dedicated connection, raw replies, clean failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.connection import Connection
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bridge.redis_raw import RawConnection, pack
+from bridge.redis_select import make_client
+from bridge.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@given(st.lists(st.one_of(st.binary(), st.text(), st.integers(min_value=0))))
+def test_pack_matches_redis_py(args: list[bytes | str | int]) -> None:
+    """Our packing is byte for byte what redis-py sends for the same arguments."""
+    # (the command name goes first: redis-py splits a first argument holding spaces)
+    assert pack("EVALSHA", *args) == b"".join(Connection().pack_command("EVALSHA", *args))
+
+
+async def test_pipelined_replies_come_back_in_order_with_errors_in_place(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """Three commands in one write: the failing one's error sits in its place, and the
+    connection stays usable for the next call."""
+    raw = RawConnection(redis, name="TEST")
+    key = f"{key_prefix}n"
+    results = await raw.call(
+        [pack("INCRBY", key, 2), pack("HGET", key, "f"), pack("INCRBY", key, 3)], 3
+    )
+    assert results[0] == 2
+    assert isinstance(results[1], ResponseError)
+    assert "WRONGTYPE" in str(results[1])
+    assert results[2] == 5
+    assert await raw.call(pack("GET", key)) == [b"5"]
+
+
+async def test_a_timeout_disconnects_so_no_stale_reply_is_read_later(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """A call that times out raises redis-py's TimeoutError; the late reply of that call is
+    never taken for the next call's (the connection was dropped and is made anew)."""
+    raw = RawConnection(redis, name="TEST")
+    key = f"{key_prefix}list"
+    with pytest.raises(RedisTimeoutError):
+        await raw.call(pack("BLPOP", key, 1), timeout_s=0.1)
+    await redis.rpush(key, "late")  # would answer the abandoned BLPOP on the old connection
+    assert await raw.call(pack("LLEN", key)) == [1]
+    assert await raw.call(pack("PING")) == [b"PONG"]
+
+
+async def test_cancellation_mid_call_leaves_the_connection_clean(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """A caller cancelled while waiting for a reply does not leave that reply behind."""
+    raw = RawConnection(redis, name="TEST")
+    key = f"{key_prefix}list"
+    task = asyncio.create_task(raw.call(pack("BLPOP", key, 2)))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await redis.rpush(key, "x")
+    assert await raw.call(pack("LPOP", key)) == [b"x"]
+
+
+async def test_closing_the_client_closes_the_checked_out_connection(
+    redis_url: str, settings: Settings
+) -> None:
+    """The connection belongs to the client's pool: the client's aclose() closes it too."""
+    client = make_client(redis_url, settings)
+    raw = RawConnection(client, name="TEST")
+    assert await raw.call(pack("PING")) == [b"PONG"]
+    conn = raw._conn
+    assert conn is not None
+    assert conn.is_connected
+    await client.aclose()
+    assert not conn.is_connected
