@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import structlog
 
 from bridge.errors import BridgeError
+from bridge.heap import freeze_startup_heap
 from bridge.logging import configure_logging
 from bridge.settings import Settings
 
@@ -74,6 +75,7 @@ def serve(
     from bridge.serving import serve_app
 
     app = create_app(settings, with_api=with_api, with_worker=with_worker)
+    freeze_startup_heap()
     # uvicorn swallows lifespan start-up failures into a non-zero exit of its own
     started = serve_app(
         app,
@@ -96,6 +98,7 @@ async def run_worker(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Runtime.running(settings, with_api=False, with_worker=True) as runtime:
+        freeze_startup_heap()
         await stop.wait()
         log.info("stop_signal_received")
         await runtime.drained()
