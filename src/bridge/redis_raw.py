@@ -19,14 +19,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.redis_metrics import observe_command, record_failure
+
+T = TypeVar("T")
 
 
 def bulk(value: bytes | str | int) -> bytes:
@@ -76,29 +80,50 @@ class RawConnection:
         timeouts raise redis-py's `ConnectionError` / `TimeoutError`.
         """
         started = time.perf_counter()
-        conn: AbstractConnection | None = None
+        results = await self._guarded(self._exchange(packed, replies), timeout_s)
+        if self._timed:
+            observe_command(self.name, time.perf_counter() - started)
+        return results
+
+    async def send(self, packed: bytes | list[bytes], *, timeout_s: float | None = None) -> None:
+        """Send commands whose replies `read` takes later (pipelining across awaits)."""
+        await self._guarded(self._exchange(packed, 0), timeout_s)
+
+    async def read(self, *, timeout_s: float | None = None) -> Any:
+        """The reply to the oldest command sent and not yet read."""
+        conn = self._conn
+        if conn is None:
+            raise RedisConnectionError("nothing was sent on this connection")
+        return await self._guarded(_reply(conn), timeout_s)
+
+    async def _exchange(self, packed: bytes | list[bytes], replies: int) -> list[Any]:
+        conn = await self._connection()
+        await conn.send_packed_command(packed, check_health=False)
+        return [await _reply(conn) for _ in range(replies)]
+
+    async def _guarded(self, work: Coroutine[Any, Any, T], timeout_s: float | None) -> T:
+        """`work` within the timeout; any failure drops the connection (no stale replies)."""
         try:
             async with asyncio.timeout(self._timeout_s if timeout_s is None else timeout_s):
-                conn = await self._connection()
-                await conn.send_packed_command(packed, check_health=False)
-                results: list[Any] = []
-                for _ in range(replies):
-                    try:
-                        results.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:
-                        results.append(exc)
+                return await work
         except TimeoutError:
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            await self._drop()
             timeout = RedisTimeoutError(f"Redis did not answer {self.name} in time")
             record_failure(self.name, timeout)
             raise timeout from None
         except BaseException as exc:
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            await self._drop()
             if isinstance(exc, Exception):
                 record_failure(self.name, exc)
             raise
-        if self._timed:
-            observe_command(self.name, time.perf_counter() - started)
-        return results
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+
+
+async def _reply(conn: AbstractConnection) -> Any:
+    try:
+        return await conn.read_response(timeout=math.inf)
+    except ResponseError as exc:
+        return exc

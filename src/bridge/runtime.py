@@ -201,8 +201,6 @@ class Runtime:
         self.manager.close_all(CloseReason.SHUTDOWN)  # any that opened meanwhile
         for task in reversed(self.tasks):
             await task.stop()
-        if self.fanout is not None:
-            await self.fanout.aclose()
         await self.providers.aclose()
         for client in self._blocking_clients:
             await client.aclose()

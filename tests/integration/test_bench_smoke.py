@@ -59,3 +59,22 @@ def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
     assert idle["alive_after_hold"] == idle["connections"]
     assert (results.parent / "summary.md").read_text().startswith("Date ")
     assert {p.name for p in results.parent.glob("*.svg")} == {f"S{i}.svg" for i in range(1, 6)}
+
+
+def test_fanout_cost_smoke_run_prints_both_designs() -> None:
+    """`python -m bench.fanout_cost` runs (a few entries) and reports a figure per design."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fanout_cost", "--entries", "50", "--sessions", "5", "50"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    assert [int(row[0]) for row in rows] == [5, 50]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -84,3 +85,21 @@ async def test_closing_the_client_closes_the_checked_out_connection(
     assert conn.is_connected
     await client.aclose()
     assert not conn.is_connected
+
+
+async def test_send_now_read_later_keeps_replies_in_order(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """Commands sent in one write are read one reply at a time, across other awaits: the
+    fan-out reader sends a read and its next blocking read together."""
+    raw = RawConnection(redis, name="TEST")
+    key = f"{key_prefix}list"
+    await raw.send(pack("PING") + pack("BLPOP", key, 2))
+    assert await raw.read() == b"PONG"
+    await redis.rpush(key, "x")  # answers the BLPOP already waiting on the server
+    assert await raw.read() == [key.encode(), b"x"]
+
+
+async def test_reading_before_anything_was_sent_is_an_error(redis: aioredis.Redis) -> None:
+    with pytest.raises(RedisConnectionError):
+        await RawConnection(redis, name="TEST").read()

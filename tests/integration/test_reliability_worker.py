@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -197,6 +197,13 @@ async def test_malformed_requests_are_counted_and_dead_lettered(
     assert [fields[b"dead_reason"] for _, fields in dead] == [b"malformed"]
 
 
+def reading(reader: FanoutReader) -> Callable[[], Awaitable[bool]]:
+    async def connected() -> bool:
+        return reader.connected
+
+    return connected
+
+
 async def test_readers_skip_and_count_malformed_entries(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
@@ -217,9 +224,11 @@ async def test_readers_skip_and_count_malformed_entries(
     await reader.track("s")
     task = asyncio.create_task(reader.run())
     try:
+        await wait_until(reading(reader), 10, "the reader's first read")
         stream = keys.stream("s", "mock")
         await redis.xadd(stream, {"t": "what"})
         await redis.xadd(stream, {"t": "token", "r": "r", "s": "1", "ts": "1", "c": "ok "})
+        await redis.xadd(keys.activity, {"s": "s", "m": "mock"})  # as the append script does
 
         async def got_one() -> bool:
             return len(delivered) == 1

@@ -131,6 +131,20 @@ async def test_token_text_that_looks_like_sse_framing_arrives_intact(
     assert tab.parser.retry_ms == settings.sse_retry_ms  # no token text reset it
 
 
+async def announce(redis: aioredis.Redis, keys: Keys, session: str, model: str) -> None:
+    """What the append script does after writing: name the stream on the activity stream,
+    after some hostile announcements the fan-out reader must skip."""
+    for hostile in (
+        {"x": "y"},
+        {"s": session},
+        {"s": session, "m": "a:b"},
+        {"s": session, "m": b"\xff\xfe"},
+        {"s": b"\xff", "m": model},
+    ):
+        await redis.xadd(keys.activity, hostile)  # type: ignore[arg-type]
+    await redis.xadd(keys.activity, {"s": session, "m": model})
+
+
 async def fanout_restarts(server: BridgeProcess) -> int:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         report = (await http.get("/health")).json()
@@ -166,6 +180,7 @@ async def test_entries_with_unexpected_or_missing_fields_are_skipped(
             await redis.xadd(key, fields)  # type: ignore[arg-type]
         await redis.xadd(key, entry("token", 2, "two"))
         await redis.xadd(key, entry("complete", 3, finishReason="stop"))
+        await announce(redis, keys, session, "mock")
         await tab.wait_terminal()
     contents = [json.loads(e.data)["content"] for e in tab.events if e.event == "token"]
     assert contents == ["one", "two"]
@@ -187,9 +202,11 @@ async def test_unsafe_model_names_in_a_session_index_are_ignored(
     before = await fanout_restarts(server)
     async with open_stream(stream_url(server, session)) as tab:
         await tab.wait_for(lambda events: any(e.event == "token" for e in events))
-        await redis.xadd(index, {"m": model, "r": "r2"})  # the live reader meets it too
+        await redis.xadd(index, {"m": model, "r": "r2"})
+        await redis.xadd(keys.activity, {"s": session, "m": model})  # the live reader meets it
         await redis.xadd(keys.stream(session, "mock"), entry("token", 2, "two"))
         await redis.xadd(keys.stream(session, "mock"), entry("complete", 3, finishReason="stop"))
+        await announce(redis, keys, session, "mock")
         await tab.wait_terminal()
     assert tab.status == 200
     contents = [json.loads(e.data)["content"] for e in tab.events if e.event == "token"]

@@ -1,20 +1,28 @@
-"""The fan-out reader: ONE multiplexed blocking XREAD per process.
+"""The fan-out reader: one blocking read per process, whatever the number of sessions.
 
-It tails every token stream of every session that has a local listener, plus each such
-session's index (to learn of new model streams), plus a wake-up stream of its own. Changing
-the set of streams appends to the wake-up stream: because the blocking XREAD includes that
-stream at its last seen id, the wake-up cannot be missed, whether it lands before or during
-the read. No sleep-polling anywhere.
+Every append (the producer's script) also adds `(session, model)` to one activity stream.
+The reader blocks on that stream alone; when it names a session this process tails, the
+reader fetches that session's new entries with a non-blocking `XREAD` from its own
+positions and hands them to `deliver`. Delivery stays cursor-based (no consumer group: a
+group would split the entries among readers, and every connection needs every entry).
 
-Delivery is cursor-based (plain XREAD, no consumer group): a consumer group would split the
-entries among readers, and every connection needs every entry.
+Why not one blocking `XREAD` over every tailed stream (the first design, and DESIGN.md's):
+Redis registers a blocked reader on every key it names and re-scans them all at each
+wake-up, so each token cost Redis time in proportion to the open sessions: 0.3 ms per entry
+with 100 sessions, 5.2 ms with 2,000 (`python -m bench.fanout_cost`). Here a wake-up costs
+the activity entry and the keys that had news: 30-45 us at any count.
+
+Nothing is missed: an activity entry is written in the same script as the entries it
+announces, and positions are per stream, so a stream read after its announcement returns
+everything after the reader's position. Tracking a session reads its streams' current ends
+first; anything appended later is announced later. Where announcements may have been
+missed (at start, after a Redis error, or if the reader fell further behind than the
+activity stream keeps), the reader re-reads every stream it tails before going on.
 """
 
 from __future__ import annotations
 
-import contextlib
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -25,14 +33,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
-from bridge.redis_raw import RawConnection, bulk
+from bridge.redis_raw import RawConnection, bulk, pack
 from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
-from bridge.streams.keys import Keys, indexed_model
+from bridge.streams.keys import Keys, indexed_model, is_safe_id
 
 log = structlog.get_logger("bridge.fanout")
 
 Deliver = Callable[[str, str, list[tuple[EntryId, StreamEvent]]], None]
 """deliver(session, model, [(entry id, event), ...]) is called in stream order."""
+
+_RESYNC_KEYS = 1000  # streams per non-blocking read when re-reading everything
 
 
 class FanoutReader:
@@ -49,26 +59,27 @@ class FanoutReader:
         count: int = 500,
     ) -> None:
         self._reader = reader  # a dedicated connection: it spends its life blocked
-        self._xread_head = b"".join(
-            bulk(arg) for arg in ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
-        )
         self._redis = redis
         self._keys = keys
         self._deliver = deliver
-        self._block_ms = block_ms
         self._count = count
-        self._wake_key = f"{keys.prefix}fanout:{uuid.uuid4().hex}"
-        self._positions: dict[bytes, bytes] = {}
-        # key -> its XREAD arguments (key, position), packed once per change, not per read
-        self._packed: dict[bytes, tuple[bytes, bytes]] = {}
-        self._set_position(self._wake_key.encode(), b"0-0")
+        self._activity = keys.activity.encode()
+        # `XREAD COUNT c BLOCK b STREAMS <activity>` (8 arguments), then the position
+        self._activity_read = (
+            b"*8\r\n"
+            + b"".join(bulk(arg) for arg in ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS"))
+            + bulk(self._activity)
+        )
+        self._streams_read = bulk("XREAD") + bulk("COUNT") + bulk(count) + bulk("STREAMS")
+        # where the reader is in the activity stream; None: re-read every stream first
+        self._activity_position: bytes | None = None
+        self._blocked = False  # a blocking activity read was sent and not yet answered
+        self._backlog: dict[bytes, None] = {}  # streams with more to read than one read gave
+        self._positions: dict[bytes, bytes] = {}  # stream key -> last entry id handled
         self._session_keys: dict[str, set[bytes]] = {}
         self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
-        self._index_owner: dict[bytes, str] = {}  # session index key -> session
         self.malformed = 0
         self.connected = False
-        # a wake-up is on its way: the next XREAD includes every key added until it is sent
-        self._wake_pending = False
 
     @property
     def tracked_sessions(self) -> int:
@@ -77,16 +88,16 @@ class FanoutReader:
     def models(self, session: str) -> set[str] | None:
         """Models of `session` whose streams are tailed, or None if the session is not tracked.
 
-        Complete up to the last index entry read: a model announced later is tailed from
-        its stream's first entry as soon as its index entry is read.
+        Complete up to the last activity read: a model whose first entry is announced later
+        is tailed from its stream's first entry as soon as the announcement is read.
         """
         tailed = self._session_keys.get(session)
-        if not tailed:  # not tracked, or its tracking has not finished
+        if not tailed:  # not tracked, its tracking has not finished, or no streams yet
             return None
-        return {self._stream_owner[key][1] for key in tailed if key in self._stream_owner}
+        return {self._stream_owner[key][1] for key in tailed}
 
     async def track(self, session: str) -> None:
-        """Start tailing `session`: its index and every model stream it has, from their ends."""
+        """Start tailing `session`: every model stream it has, from their ends."""
         if session in self._session_keys:
             return
         self._session_keys[session] = set()
@@ -103,20 +114,14 @@ class FanoutReader:
             raise
         if session not in self._session_keys:  # untracked while we were reading
             return
-        index_key = index.encode()
-        self._add(session, index_key, entries[-1][0] if entries else b"0-0")
-        self._index_owner[index_key] = session
         for model, last in zip(models, last_entries, strict=True):
             self._add_stream(session, model, last[0][0] if last else b"0-0")
-        await self._wake()
 
     def untrack(self, session: str) -> None:
         """Stop tailing `session` (its last local listener left)."""
         for key in self._session_keys.pop(session, set()):
             self._positions.pop(key, None)
-            self._packed.pop(key, None)
             self._stream_owner.pop(key, None)
-            self._index_owner.pop(key, None)
 
     async def run(self) -> None:
         """Read until cancelled; ride out Redis outages with capped backoff."""
@@ -130,48 +135,116 @@ class FanoutReader:
                 if self.connected:
                     log.warning("fanout_redis_error", error=str(exc))
                 self.connected = False
+                self._blocked = False  # the connection was dropped with whatever it awaited
+                self._activity_position = None  # announcements may be missed meanwhile
                 await backoff.wait()
 
-    def _set_position(self, key: bytes, position: bytes) -> None:
-        self._positions[key] = position
-        self._packed[key] = (
-            self._packed[key][0] if key in self._packed else bulk(key),
-            bulk(position),
-        )
-
-    def _xread_command(self) -> bytes:
-        """`XREAD COUNT c BLOCK b STREAMS key... id...`, from the packed parts."""
-        packed = self._packed.values()
-        return b"".join(
-            (
-                b"*%d\r\n" % (2 * len(packed) + 6),
-                self._xread_head,
-                *(key for key, _ in packed),
-                *(position for _, position in packed),
-            )
-        )
-
     async def _read_once(self) -> None:
-        self._wake_pending = False  # keys added from here on need a wake-up of their own
-        (result,) = await self._reader.call(self._xread_command())
-        if isinstance(result, Exception):
-            raise result
+        if not self._blocked:
+            if self._activity_position is None:
+                await self._resync()
+            await self._reader.send(self._activity_command())
+            self._blocked = True
+        reply = await self._reader.read()
+        self._blocked = False
+        if isinstance(reply, Exception):
+            raise reply
         self.connected = True
-        for key, entries in result or ():
+        news = self._take_backlog()
+        if reply:
+            entries = reply[0][1]
+            self._activity_position = entries[-1][0]
+            news.extend(self._announced(entries))
+            if len(entries) >= self._count:
+                # Behind by a full read: if the activity stream was trimmed past this
+                # reader's position, announcements are gone; re-read everything next.
+                self._activity_position = None
+        news = self._tailed(news)
+        if not news:
+            return
+        if self._activity_position is None:
+            await self._read_streams(news)
+            return
+        # One write: the read of the announced streams, and already the next blocking read.
+        await self._reader.send(self._streams_command(news) + self._activity_command())
+        self._blocked = True
+        full = self._on_streams(await self._reader.read())
+        if full:
+            # More than one read's worth on some stream, and the connection is blocked:
+            # note them, and announce to this reader that there is more to read.
+            self._backlog.update(dict.fromkeys(full))
+            await self._redis.xadd(self._keys.activity, {"s": "", "m": ""})
+
+    def _announced(self, entries: list[list[Any]]) -> list[bytes]:
+        """Stream keys the activity entries name, of the sessions tailed here."""
+        keys: list[bytes] = []
+        for _, flat in entries:
+            fields = _pairs(flat)
+            session = fields.get(b"s", b"").decode("utf-8", "replace")
+            if session not in self._session_keys:
+                continue  # not tailed here (most activity, with many API processes)
+            model = fields.get(b"m", b"").decode("utf-8", "replace")
+            if not is_safe_id(model):
+                continue
+            key = self._keys.stream(session, model).encode()
+            if key not in self._stream_owner:
+                self._add_stream(session, model, b"0-0")  # a new stream: all of it is news
+            keys.append(key)
+        return keys
+
+    def _take_backlog(self) -> list[bytes]:
+        backlog, self._backlog = list(self._backlog), {}
+        return backlog
+
+    async def _resync(self) -> None:
+        """Re-read every tailed stream from its position; then follow the activity from now."""
+        (last,) = await self._call(pack("XREVRANGE", self._activity, "+", "-", "COUNT", 1))
+        position = last[0][0] if last else b"0-0"
+        keys = list(self._positions)
+        for start in range(0, len(keys), _RESYNC_KEYS):
+            await self._read_streams(keys[start : start + _RESYNC_KEYS])
+        self._activity_position = position
+
+    async def _read_streams(self, keys: Iterable[bytes]) -> None:
+        """Deliver everything after the positions of `keys`, however many reads it takes."""
+        pending = self._tailed(keys)
+        while pending:
+            (reply,) = await self._call(self._streams_command(pending))
+            pending = self._tailed(self._on_streams(reply))
+
+    def _activity_command(self) -> bytes:
+        assert self._activity_position is not None
+        return self._activity_read + bulk(self._activity_position)
+
+    def _tailed(self, keys: Iterable[bytes]) -> list[bytes]:
+        """`keys` still tailed, each once."""
+        return [key for key in dict.fromkeys(keys) if key in self._positions]
+
+    def _streams_command(self, keys: list[bytes]) -> bytes:
+        """A non-blocking `XREAD` of `keys` (tailed, at least one) from their positions."""
+        packed = [bulk(key) for key in keys] + [bulk(self._positions[key]) for key in keys]
+        return b"".join((b"*%d\r\n" % (len(packed) + 4), self._streams_read, *packed))
+
+    def _on_streams(self, reply: Any) -> list[bytes]:
+        """Deliver a streams read's entries; return the keys that may have more."""
+        if isinstance(reply, Exception):
+            raise reply
+        full: list[bytes] = []
+        for key, entries in reply or ():
             if key not in self._positions or not entries:
                 continue  # untracked while the read was in flight
-            self._set_position(key, entries[-1][0])
-            if key in self._index_owner:
-                self._on_index(self._index_owner[key], entries)
-            elif key in self._stream_owner:
-                session, model = self._stream_owner[key]
-                self._on_stream(session, model, entries)
+            self._positions[key] = entries[-1][0]
+            session, model = self._stream_owner[key]
+            self._on_stream(session, model, entries)
+            if len(entries) >= self._count:
+                full.append(key)
+        return full
 
-    def _on_index(self, session: str, entries: list[list[Any]]) -> None:
-        for _, flat in entries:
-            model = indexed_model(_pairs(flat))
-            if model and self._keys.stream(session, model).encode() not in self._stream_owner:
-                self._add_stream(session, model, b"0-0")  # new stream: all of it is news
+    async def _call(self, command: bytes) -> list[Any]:
+        replies = await self._reader.call(command)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies
 
     def _on_stream(self, session: str, model: str, entries: list[list[Any]]) -> None:
         batch: list[tuple[EntryId, StreamEvent]] = []
@@ -187,33 +260,9 @@ class FanoutReader:
 
     def _add_stream(self, session: str, model: str, position: bytes) -> None:
         key = self._keys.stream(session, model).encode()
-        self._add(session, key, position)
+        self._positions.setdefault(key, position)
         self._stream_owner[key] = (session, model)
-
-    def _add(self, session: str, key: bytes, position: bytes) -> None:
-        if key not in self._positions:
-            self._set_position(key, position)
         self._session_keys[session].add(key)
-
-    async def _wake(self) -> None:
-        # Coalesced: a burst of new sessions (thousands of tabs reconnecting) would otherwise
-        # re-issue the whole multiplexed XREAD once per session.
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=10, approximate=False)
-                pipe.expire(self._wake_key, 3600)
-                await pipe.execute()
-        except BaseException:
-            self._wake_pending = False
-            raise
-
-    async def aclose(self) -> None:
-        """Remove this reader's wake-up stream."""
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await self._redis.delete(self._wake_key)
 
 
 def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:

@@ -43,6 +43,8 @@ class Keys:
         self.dead_letters = f"{prefix}requests:dead"
         self.secret = f"{prefix}secret"
         self.cancel_channel = f"{prefix}cancel"
+        # one entry (session, model) per append: what the fan-out readers block on
+        self.activity = f"{prefix}activity"
         # worker heartbeats: a sorted set of worker names scored by when their beat expires
         self.workers = f"{prefix}workers"
         self.worker_group = WORKER_GROUP
