@@ -29,13 +29,24 @@ class SessionTracker(Protocol):
 class ConnectionManager:
     """Registers connections, feeds them live events, and closes them.
 
-    The first connection of a session makes the fan-out reader tail that session; the last one
-    to leave stops it. Connections arriving while tracking starts wait for it, so none of them
-    can begin its catch-up before the reader's start position is fixed (no gap between the two).
+    The first connection of a session makes the fan-out reader tail that session; `linger_s`
+    after the last one left (with nobody back), the tailing stops. Connections arriving while
+    tracking starts wait for it, so none of them can begin its catch-up before the reader's
+    start position is fixed (no gap between the two).
+
+    The linger spares a reconnecting client (a dropped network, EventSource's retry) the
+    re-tracking round trips. Events read while a session has no connection are dropped here:
+    they stay in Redis, and a connection that comes back registers before it replays from its
+    cursor, so its catch-up finds them (the same seam as a first connection).
     """
 
     def __init__(
-        self, *, queue_size: int, max_per_session: int = 0, max_per_address: int = 0
+        self,
+        *,
+        queue_size: int,
+        max_per_session: int = 0,
+        max_per_address: int = 0,
+        linger_s: float = 0.0,
     ) -> None:
         self._queue_size = queue_size
         self._max_per_session = max_per_session  # open connections; 0: no limit
@@ -44,6 +55,8 @@ class ConnectionManager:
         self._address_of: dict[Subscriber, str] = {}
         self._sessions: dict[str, set[Subscriber]] = {}
         self._tracking: dict[str, asyncio.Future[None]] = {}
+        self._linger_s = linger_s
+        self._lingering: dict[str, asyncio.TimerHandle] = {}  # tracked, nobody connected
         self.tracker: SessionTracker | None = None
         self.overflows = 0
 
@@ -55,6 +68,9 @@ class ConnectionManager:
         Raises RateLimited when the session or the address already has its maximum open.
         """
         self._check_limits(session, address)
+        lingering = self._lingering.pop(session, None)
+        if lingering is not None:
+            lingering.cancel()
         sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
         self._sessions.setdefault(session, set()).add(sub)
         if address is not None:
@@ -83,9 +99,28 @@ class ConnectionManager:
         metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
-            self._tracking.pop(sub.session, None)
-            if self.tracker is not None:
-                self.tracker.untrack(sub.session)
+            tracking = self._tracking.get(sub.session)
+            if (
+                self._linger_s > 0
+                and tracking is not None
+                and tracking.done()
+                and not tracking.cancelled()
+                and tracking.exception() is None
+            ):
+                self._lingering[sub.session] = asyncio.get_running_loop().call_later(
+                    self._linger_s, self._untrack, sub.session
+                )
+            else:
+                self._untrack(sub.session)
+
+    def _untrack(self, session: str) -> None:
+        """Stop tailing `session`, which has no connection (now, or all through its linger)."""
+        self._lingering.pop(session, None)
+        if session in self._sessions:
+            return
+        self._tracking.pop(session, None)
+        if self.tracker is not None:
+            self.tracker.untrack(session)
 
     def deliver(self, session: str, model: str, batch: list[tuple[EntryId, StreamEvent]]) -> None:
         """Hand live events to every local connection of `session` (the reader's callback)."""
@@ -136,6 +171,11 @@ class ConnectionManager:
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    @property
+    def lingering_count(self) -> int:
+        """Sessions still tailed for a while after their last connection left."""
+        return len(self._lingering)
 
     async def _ensure_tracked(self, session: str) -> None:
         if self.tracker is None:
