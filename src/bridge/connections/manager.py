@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -53,8 +54,9 @@ class ConnectionManager:
         self._max_per_address = max_per_address
         self._per_address: dict[str, int] = {}
         self._address_of: dict[Subscriber, str] = {}
-        self._sessions: dict[str, set[Subscriber]] = {}
-        self._tracking: dict[str, asyncio.Future[None]] = {}
+        self._sessions: dict[str, list[Subscriber]] = {}  # lists: most sessions have one
+        self._tracking: dict[str, asyncio.Future[None]] = {}  # track() under way
+        self._tracked: set[str] = set()  # track() done (a set: a done task per session is ~1 KiB)
         self._linger_s = linger_s
         self._lingering: dict[str, asyncio.TimerHandle] = {}  # tracked, nobody connected
         self.tracker: SessionTracker | None = None
@@ -72,7 +74,7 @@ class ConnectionManager:
         if lingering is not None:
             lingering.cancel()
         sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
-        self._sessions.setdefault(session, set()).add(sub)
+        self._sessions.setdefault(session, []).append(sub)
         if address is not None:
             self._address_of[sub] = address
             self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -94,19 +96,12 @@ class ConnectionManager:
         subs = self._sessions.get(sub.session)
         if subs is None or sub not in subs:
             return
-        subs.discard(sub)
+        subs.remove(sub)
         reason = sub.closed.value if sub.closed is not None else "ended"
         metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
-            tracking = self._tracking.get(sub.session)
-            if (
-                self._linger_s > 0
-                and tracking is not None
-                and tracking.done()
-                and not tracking.cancelled()
-                and tracking.exception() is None
-            ):
+            if self._linger_s > 0 and sub.session in self._tracked:
                 self._lingering[sub.session] = asyncio.get_running_loop().call_later(
                     self._linger_s, self._untrack, sub.session
                 )
@@ -119,6 +114,7 @@ class ConnectionManager:
         if session in self._sessions:
             return
         self._tracking.pop(session, None)
+        self._tracked.discard(session)
         if self.tracker is not None:
             self.tracker.untrack(session)
 
@@ -178,15 +174,19 @@ class ConnectionManager:
         return len(self._lingering)
 
     async def _ensure_tracked(self, session: str) -> None:
-        if self.tracker is None:
+        if self.tracker is None or session in self._tracked:
             return
         future = self._tracking.get(session)
         if future is None:
             future = asyncio.ensure_future(self.tracker.track(session))
             self._tracking[session] = future
-        try:
-            await asyncio.shield(future)
-        except BaseException:
-            if self._tracking.get(session) is future and future.done():
-                del self._tracking[session]  # let the next connection try again
-            raise
+            future.add_done_callback(partial(self._tracking_done, session))
+        await asyncio.shield(future)
+
+    def _tracking_done(self, session: str, future: asyncio.Future[None]) -> None:
+        # Runs before the waiting connections resume (its callback was added first).
+        if self._tracking.get(session) is not future:
+            return  # untracked while it ran: every connection of the session left
+        del self._tracking[session]  # on failure, the next connection tries again
+        if not future.cancelled() and future.exception() is None:
+            self._tracked.add(session)
