@@ -172,6 +172,7 @@ class HealthMonitor:
             "connections": {
                 "open": runtime.manager.connection_count,
                 "sessions": runtime.manager.session_count,
+                "lingeringSessions": runtime.manager.lingering_count,
                 "slowConsumerCloses": runtime.manager.overflows,
             },
             "eventLoop": {"lagMs": round(self.loop_lag_s * 1000, 3)},

@@ -59,6 +59,7 @@ class Runtime:
             queue_size=settings.send_queue_size,
             max_per_session=settings.max_sse_per_session,
             max_per_address=settings.max_sse_per_address,
+            linger_s=settings.sse_linger_s,
         )
         self.history_stats = HistoryStats()
         self.watch = RedisWatch(

@@ -154,6 +154,35 @@ async def test_reconnect_with_last_event_id_continues_exactly(
     assert before + after == [(started["requestId"], i + 1, f"t{i} ") for i in range(200)]
 
 
+async def test_reconnects_within_the_linger_lose_and_repeat_nothing(
+    api: httpx.AsyncClient, servers: list[BridgeProcess]
+) -> None:
+    """A tab that drops and comes back again and again, while the session lingers tailed
+    and tokens keep coming with nobody listening, still gets every token exactly once."""
+    session = session_id()
+    started = await start_chat(api, session, "slow")
+    url = servers[0].base_url + started["streamUrl"]
+    received: list[tuple[str, int, str]] = []
+    cursor = ""
+    lingered = False
+    while True:
+        headers = {"Last-Event-ID": cursor} if cursor else {}
+        async with open_stream(url, **headers) as tab:
+            await tab.wait_for(
+                lambda evs: len(tokens(evs)) >= 15 or any(e.event == "complete" for e in evs),
+                timeout=30,
+            )
+        received += tokens(tab.events)
+        cursor = tab.parser.last_event_id or cursor
+        if any(e.event == "complete" for e in tab.events):
+            break
+        await asyncio.sleep(0.05)  # away while tokens arrive (10 ms apart)
+        details = (await api.get("/health")).json()
+        lingered |= details["connections"]["lingeringSessions"] >= 1
+    assert received == [(started["requestId"], i + 1, f"t{i} ") for i in range(200)]
+    assert lingered
+
+
 async def test_resume_by_query_parameter(
     api: httpx.AsyncClient, servers: list[BridgeProcess]
 ) -> None:

@@ -39,8 +39,10 @@ def _batch(*seqs: int) -> list[tuple[EntryId, StreamEvent]]:
     return [((1000, s), StreamEvent(EventType.TOKEN, "req", s, 1.0, content=f"t{s}")) for s in seqs]
 
 
-def _manager(tracker: FakeTracker | None = None, queue_size: int = 16) -> ConnectionManager:
-    manager = ConnectionManager(queue_size=queue_size)
+def _manager(
+    tracker: FakeTracker | None = None, queue_size: int = 16, linger_s: float = 0.0
+) -> ConnectionManager:
+    manager = ConnectionManager(queue_size=queue_size, linger_s=linger_s)
     manager.tracker = tracker
     return manager
 
@@ -229,6 +231,51 @@ async def test_reconnect_after_the_last_disconnect_tracks_again() -> None:
     await manager.connect("a", {})
     assert tracker.tracked == ["a", "a"]
     assert tracker.untracked == ["a"]
+
+
+async def test_a_lingering_session_is_untracked_once_the_linger_passes() -> None:
+    """With a linger, the last disconnect keeps the session tailed until it passes."""
+    tracker = FakeTracker()
+    manager = _manager(tracker, linger_s=0.05)
+    manager.disconnect(await manager.connect("a", {}))
+    assert tracker.untracked == []
+    assert (manager.session_count, manager.lingering_count) == (0, 1)
+    manager.deliver("a", "m", _batch(1))  # nobody listens: dropped (Redis keeps it)
+    await asyncio.sleep(0.1)
+    assert tracker.untracked == ["a"]
+    assert manager.lingering_count == 0
+    await manager.connect("a", {})
+    assert tracker.tracked == ["a", "a"]
+
+
+async def test_a_reconnect_within_the_linger_skips_tracking() -> None:
+    """A connection back within the linger neither re-tracks nor is untracked later."""
+    tracker = FakeTracker()
+    manager = _manager(tracker, linger_s=0.05)
+    manager.disconnect(await manager.connect("a", {}))
+    sub = await manager.connect("a", {})
+    assert tracker.tracked == ["a"]
+    assert manager.lingering_count == 0
+    await asyncio.sleep(0.1)
+    assert tracker.untracked == []
+    manager.deliver("a", "m", _batch(1))
+    assert sub.queued == 1
+    manager.disconnect(sub)  # leaving again starts a new linger
+    await asyncio.sleep(0.1)
+    assert tracker.untracked == ["a"]
+
+
+async def test_a_session_whose_tracking_failed_does_not_linger() -> None:
+    """Only a session that is really tailed lingers: a failed track is forgotten at once."""
+    tracker = FakeTracker()
+    tracker.fail_with = ConnectionError("redis away")
+    manager = _manager(tracker, linger_s=10.0)
+    with pytest.raises(ConnectionError):
+        await manager.connect("a", {})
+    assert manager.lingering_count == 0
+    tracker.fail_with = None
+    await manager.connect("a", {})
+    assert tracker.tracked == ["a", "a"]
 
 
 async def test_connect_without_tracker_registers_immediately() -> None:

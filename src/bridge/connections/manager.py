@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -29,21 +30,35 @@ class SessionTracker(Protocol):
 class ConnectionManager:
     """Registers connections, feeds them live events, and closes them.
 
-    The first connection of a session makes the fan-out reader tail that session; the last one
-    to leave stops it. Connections arriving while tracking starts wait for it, so none of them
-    can begin its catch-up before the reader's start position is fixed (no gap between the two).
+    The first connection of a session makes the fan-out reader tail that session; `linger_s`
+    after the last one left (with nobody back), the tailing stops. Connections arriving while
+    tracking starts wait for it, so none of them can begin its catch-up before the reader's
+    start position is fixed (no gap between the two).
+
+    The linger spares a reconnecting client (a dropped network, EventSource's retry) the
+    re-tracking round trips. Events read while a session has no connection are dropped here:
+    they stay in Redis, and a connection that comes back registers before it replays from its
+    cursor, so its catch-up finds them (the same seam as a first connection).
     """
 
     def __init__(
-        self, *, queue_size: int, max_per_session: int = 0, max_per_address: int = 0
+        self,
+        *,
+        queue_size: int,
+        max_per_session: int = 0,
+        max_per_address: int = 0,
+        linger_s: float = 0.0,
     ) -> None:
         self._queue_size = queue_size
         self._max_per_session = max_per_session  # open connections; 0: no limit
         self._max_per_address = max_per_address
         self._per_address: dict[str, int] = {}
         self._address_of: dict[Subscriber, str] = {}
-        self._sessions: dict[str, set[Subscriber]] = {}
-        self._tracking: dict[str, asyncio.Future[None]] = {}
+        self._sessions: dict[str, list[Subscriber]] = {}  # lists: most sessions have one
+        self._tracking: dict[str, asyncio.Future[None]] = {}  # track() under way
+        self._tracked: set[str] = set()  # track() done (a set: a done task per session is ~1 KiB)
+        self._linger_s = linger_s
+        self._lingering: dict[str, asyncio.TimerHandle] = {}  # tracked, nobody connected
         self.tracker: SessionTracker | None = None
         self.overflows = 0
 
@@ -55,8 +70,11 @@ class ConnectionManager:
         Raises RateLimited when the session or the address already has its maximum open.
         """
         self._check_limits(session, address)
+        lingering = self._lingering.pop(session, None)
+        if lingering is not None:
+            lingering.cancel()
         sub = Subscriber(session, cursor, queue_size=self._queue_size, transport=transport)
-        self._sessions.setdefault(session, set()).add(sub)
+        self._sessions.setdefault(session, []).append(sub)
         if address is not None:
             self._address_of[sub] = address
             self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -78,14 +96,27 @@ class ConnectionManager:
         subs = self._sessions.get(sub.session)
         if subs is None or sub not in subs:
             return
-        subs.discard(sub)
+        subs.remove(sub)
         reason = sub.closed.value if sub.closed is not None else "ended"
         metrics.transport_meter(sub.transport).closed(reason)
         if not subs:
             del self._sessions[sub.session]
-            self._tracking.pop(sub.session, None)
-            if self.tracker is not None:
-                self.tracker.untrack(sub.session)
+            if self._linger_s > 0 and sub.session in self._tracked:
+                self._lingering[sub.session] = asyncio.get_running_loop().call_later(
+                    self._linger_s, self._untrack, sub.session
+                )
+            else:
+                self._untrack(sub.session)
+
+    def _untrack(self, session: str) -> None:
+        """Stop tailing `session`, which has no connection (now, or all through its linger)."""
+        self._lingering.pop(session, None)
+        if session in self._sessions:
+            return
+        self._tracking.pop(session, None)
+        self._tracked.discard(session)
+        if self.tracker is not None:
+            self.tracker.untrack(session)
 
     def deliver(self, session: str, model: str, batch: list[tuple[EntryId, StreamEvent]]) -> None:
         """Hand live events to every local connection of `session` (the reader's callback)."""
@@ -137,16 +168,25 @@ class ConnectionManager:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    @property
+    def lingering_count(self) -> int:
+        """Sessions still tailed for a while after their last connection left."""
+        return len(self._lingering)
+
     async def _ensure_tracked(self, session: str) -> None:
-        if self.tracker is None:
+        if self.tracker is None or session in self._tracked:
             return
         future = self._tracking.get(session)
         if future is None:
             future = asyncio.ensure_future(self.tracker.track(session))
             self._tracking[session] = future
-        try:
-            await asyncio.shield(future)
-        except BaseException:
-            if self._tracking.get(session) is future and future.done():
-                del self._tracking[session]  # let the next connection try again
-            raise
+            future.add_done_callback(partial(self._tracking_done, session))
+        await asyncio.shield(future)
+
+    def _tracking_done(self, session: str, future: asyncio.Future[None]) -> None:
+        # Runs before the waiting connections resume (its callback was added first).
+        if self._tracking.get(session) is not future:
+            return  # untracked while it ran: every connection of the session left
+        del self._tracking[session]  # on failure, the next connection tries again
+        if not future.cancelled() and future.exception() is None:
+            self._tracked.add(session)

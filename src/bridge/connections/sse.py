@@ -102,29 +102,39 @@ class SSEResponse(ASGIResponse):
         self._history = history
         self._heartbeat_s = heartbeat_s
         self._retry_ms = retry_ms
+        self._deadline: asyncio.Timeout | None = None
 
     async def send_body(self, send: Send, receive: Receive) -> None:
-        writer = asyncio.ensure_future(self._write(send))
+        # One task per connection besides the response's own: it waits for the client to go.
+        # The response writes; a deadline (armed when the subscriber closes) bounds a writer
+        # stuck in send() by a client that stopped reading.
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        loop = asyncio.get_running_loop()
-
-        def on_close(reason: CloseReason) -> None:
-            # A client that stopped reading may leave the writer blocked in send(): bound it.
-            if reason is not CloseReason.CLIENT_GONE:
-                loop.call_later(_SLOW_CLIENT_GRACE_S, writer.cancel)
-
-        self._sub.on_close = on_close
+        watcher.add_done_callback(self._on_disconnect)
         try:
-            await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher.done():
-                self._sub.close(CloseReason.CLIENT_GONE)
-                writer.cancel()
+            async with asyncio.timeout(None) as self._deadline:
+                self._sub.on_close = self._on_close
+                if self._sub.closed is not None:
+                    self._on_close(self._sub.closed)
+                await self._write(send)
+        except TimeoutError:
+            pass  # the client is gone, or stuck: it resumes from its cursor when it returns
         finally:
+            self._sub.on_close = None
+            self._deadline = None
+            watcher.remove_done_callback(self._on_disconnect)
             watcher.cancel()
             self._manager.disconnect(self._sub)
-            if not writer.done():
-                writer.cancel()
-            await asyncio.gather(writer, watcher, return_exceptions=True)
+
+    def _on_disconnect(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            self._sub.close(CloseReason.CLIENT_GONE)
+
+    def _on_close(self, reason: CloseReason) -> None:
+        # A client that went away needs nothing more; one that stopped reading may leave the
+        # writer blocked in send(): give it a grace period to take the `reconnect` event.
+        if self._deadline is not None:
+            grace = 0.0 if reason is CloseReason.CLIENT_GONE else _SLOW_CLIENT_GRACE_S
+            self._deadline.reschedule(asyncio.get_running_loop().time() + grace)
 
     async def _catch_up(self, send: Send) -> None:
         async for item in self._history(self._sub.cursor):
