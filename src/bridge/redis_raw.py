@@ -7,11 +7,10 @@ quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its 
 (`pack`, or cached parts of it) and the connection only writes bytes and reads raw replies.
 
 The connection is one of the client's pool, checked out for good, so the URL, TLS,
-authentication, database and connect timeout are the client's, and closing the client
-closes it. It
-serves one caller at a time (the fan-out loop, the script batcher's single sender). Any
-failure or cancellation mid-call disconnects it: a later call reconnects rather than read a
-stale reply.
+authentication, database and connect timeout are the client's, and closing the client closes
+it. It serves one caller at a time (the fan-out loop, the script batcher's single sender).
+Any failure or cancellation mid-call disconnects it: a later call reconnects rather than read
+a stale reply.
 """
 
 from __future__ import annotations
