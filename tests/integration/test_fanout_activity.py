@@ -102,8 +102,9 @@ async def test_appends_to_a_tracked_session_are_delivered_in_order(harness: Harn
 async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
     harness: Harness,
 ) -> None:
-    await harness.reader.track("s2")  # no streams yet
-    assert harness.reader.models("s2") is None
+    assert harness.reader.models("s2") is None  # not tracked
+    await harness.reader.track("s2")
+    assert harness.reader.models("s2") == set()  # tracked, no streams yet: catch-up skips
     await harness.start_generation("s2", "other", "r2")
     await harness.append("s2", "other", "r2", range(1, 4))
 

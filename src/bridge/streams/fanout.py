@@ -77,6 +77,7 @@ class FanoutReader:
         self._backlog: dict[bytes, None] = {}  # streams with more to read than one read gave
         self._positions: dict[bytes, bytes] = {}  # stream key -> last entry id handled
         self._session_keys: dict[str, set[bytes]] = {}
+        self._ready: set[str] = set()  # sessions whose tracking finished
         self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
         self.malformed = 0
         self.connected = False
@@ -86,15 +87,15 @@ class FanoutReader:
         return len(self._session_keys)
 
     def models(self, session: str) -> set[str] | None:
-        """Models of `session` whose streams are tailed, or None if the session is not tracked.
+        """Models of `session` whose streams are tailed, or None until its tracking finished.
 
         Complete up to the last activity read: a model whose first entry is announced later
-        is tailed from its stream's first entry as soon as the announcement is read.
+        is tailed from its stream's first entry as soon as the announcement is read, so a
+        catch-up may skip it (it arrives live, from its start).
         """
-        tailed = self._session_keys.get(session)
-        if not tailed:  # not tracked, its tracking has not finished, or no streams yet
+        if session not in self._ready:
             return None
-        return {self._stream_owner[key][1] for key in tailed}
+        return {self._stream_owner[key][1] for key in self._session_keys[session]}
 
     async def track(self, session: str) -> None:
         """Start tailing `session`: every model stream it has, from their ends."""
@@ -116,9 +117,11 @@ class FanoutReader:
             return
         for model, last in zip(models, last_entries, strict=True):
             self._add_stream(session, model, last[0][0] if last else b"0-0")
+        self._ready.add(session)
 
     def untrack(self, session: str) -> None:
         """Stop tailing `session` (its last local listener left)."""
+        self._ready.discard(session)
         for key in self._session_keys.pop(session, set()):
             self._positions.pop(key, None)
             self._stream_owner.pop(key, None)

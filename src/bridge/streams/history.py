@@ -57,9 +57,10 @@ async def replay(
 ) -> AsyncIterator[list[Envelope] | Gap]:
     """Yield every retained entry after `cursor`, model by model, announcing gaps first.
 
-    `known_models(session)` may answer from the fan-out reader, which tails the session's
-    index already: a stream it has not seen yet is delivered live from its first entry, so
-    the catch-up need not read the index again (one round trip less per connection).
+    `known_models(session)` may answer from the fan-out reader, which read the session's
+    index when it began tailing it and learns of every later stream from its announcement: a
+    stream it has not seen yet is delivered live from its first entry, so the catch-up need
+    not read the index again (one round trip less per connection, a new session's included).
     Entries that do not decode are skipped with a log line and counted in `stats`.
     """
     stats = stats or HistoryStats()
