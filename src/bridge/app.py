@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from litestar import Litestar, Router
@@ -23,7 +24,8 @@ from bridge.api.metrics import metrics_endpoint
 from bridge.api.observability import ObservabilityMiddleware
 from bridge.api.problems import EXCEPTION_HANDLERS
 from bridge.api.seed_routes import SEED_ROUTES
-from bridge.api.stream import sse_stream
+from bridge.api.stream import STREAM_PATH, sse_stream
+from bridge.api.stream_direct import serve_directly
 from bridge.auth import ApiKeys
 from bridge.client_limits import HeaderSizeLimit
 from bridge.errors import BridgeError
@@ -63,7 +65,7 @@ def create_app(
     handlers: list[ControllerRouterHandler] = [HealthController, metrics_endpoint]
     if with_api:
         handlers[:0] = [ChatController, cancel_chat, sse_stream, *SEED_ROUTES]
-    app = Litestar(
+    app = BridgeApp(
         route_handlers=handlers,
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
@@ -88,6 +90,20 @@ def create_app(
         ),
     )
     return app
+
+
+class BridgeApp(Litestar):
+    """The Litestar app, with the direct path of SSE streams in front (`stream_direct`)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].startswith(STREAM_PATH)
+            and await serve_directly(self, scope, receive, send)
+        ):
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _log_unexpected(exc: Exception, scope: Scope) -> None:

@@ -72,7 +72,12 @@ def parse_api_keys(spec: str) -> tuple[ApiKeyEntry, ...]:
 
 def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     """The credentials of an `Authorization: Bearer ...` header, if there is one."""
-    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+    return bearer_credentials(connection.headers.get("authorization", ""))
+
+
+def bearer_credentials(authorization: str) -> str | None:
+    """The credentials of an `Authorization` header value if its scheme is Bearer."""
+    scheme, _, value = authorization.partition(" ")
     value = value.strip()
     return value if scheme.lower() == "bearer" and value else None
 

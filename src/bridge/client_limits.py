@@ -8,7 +8,7 @@ connection manager; body size, prompt length and message count are checked by th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 from litestar.enums import ScopeType
@@ -33,11 +33,16 @@ class HeaderSizeLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in (ScopeType.HTTP, ScopeType.WEBSOCKET) and self._max_bytes:
-            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            size = header_bytes(scope["headers"])
             if size > self._max_bytes:
                 await _refuse(scope, send, size, self._max_bytes)
                 return
         await self._app(scope, receive, send)
+
+
+def header_bytes(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The size of request headers as the limit counts it: `name: value\r\n` each."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 async def _refuse(scope: Scope, send: Send, size: int, limit: int) -> None:

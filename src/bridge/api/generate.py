@@ -19,12 +19,18 @@ from litestar import Request, get, post
 from litestar.exceptions import ServiceUnavailableException
 from litestar.params import QueryParameter
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Send
+from litestar.types import HTTPResponseStartEvent, Receive, Send
 from redis.exceptions import RedisError
 
 from bridge import metrics
 from bridge.auth import principal
-from bridge.connections.sse import SSEResponse, control_frame, encode_batch, gap_frame
+from bridge.connections.sse import (
+    SSEResponse,
+    SSEStream,
+    control_frame,
+    encode_batch,
+    gap_frame,
+)
 from bridge.connections.subscriber import Closed, Subscriber
 from bridge.errors import BadRequest, CloseReason
 from bridge.providers.base import Message
@@ -43,8 +49,10 @@ def session_of(task_id: str) -> str:
     return f"gen-{task_id}"
 
 
-class GenerateResponse(SSEResponse):
-    """The SSE response of one task: ends after its terminal event, cancels it if cut short."""
+class GenerateStream(SSEStream):
+    """The SSE stream of one task: ends after its terminal event, cancels it if cut short."""
+
+    __slots__ = ("_ended", "_runtime", "_task_id")
 
     def __init__(self, *, task_id: str, runtime: Runtime, sub: Subscriber) -> None:
         super().__init__(
@@ -58,9 +66,9 @@ class GenerateResponse(SSEResponse):
         self._runtime = runtime
         self._ended = False
 
-    async def send_body(self, send: Send, receive: Receive) -> None:
+    async def __call__(self, send: Send, receive: Receive, start: HTTPResponseStartEvent) -> None:
         try:
-            await super().send_body(send, receive)
+            await super().__call__(send, receive, start)
         finally:
             if not self._ended:
                 with contextlib.suppress(RedisError, OSError):
@@ -151,7 +159,7 @@ async def generate(
     except BaseException:
         runtime.manager.disconnect(sub)
         raise
-    return GenerateResponse(task_id=task_id, runtime=runtime, sub=sub)
+    return SSEResponse(GenerateStream(task_id=task_id, runtime=runtime, sub=sub))
 
 
 @post("/generate/{task_id:str}/cancel", status_code=202, tags=["generate"], summary="Cancel a task")

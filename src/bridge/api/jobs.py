@@ -16,7 +16,7 @@ from litestar.params import HeaderParameter, QueryParameter
 
 from bridge.api.schemas import GenerationParams, Id
 from bridge.auth import principal
-from bridge.connections.sse import SSEResponse
+from bridge.connections.sse import SSEResponse, SSEStream
 from bridge.errors import BadRequest
 from bridge.jobs.store import JobStatus, JobStore, session_of
 from bridge.runtime import Runtime
@@ -131,11 +131,13 @@ class JobController(Controller):
         address = request.client.host if request.client else None
         sub = await runtime.manager.connect(session, cursor, address=address)
         return SSEResponse(
-            sub=sub,
-            manager=runtime.manager,
-            history=partial(replay, runtime.redis, runtime.keys, session),
-            heartbeat_s=runtime.settings.sse_heartbeat_s,
-            retry_ms=runtime.settings.sse_retry_ms,
+            SSEStream(
+                sub=sub,
+                manager=runtime.manager,
+                history=partial(replay, runtime.redis, runtime.keys, session),
+                heartbeat_s=runtime.settings.sse_heartbeat_s,
+                retry_ms=runtime.settings.sse_retry_ms,
+            )
         )
 
 

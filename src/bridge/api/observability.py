@@ -67,20 +67,27 @@ class ObservabilityMiddleware(ASGIMiddleware):
             route = scope.get("path_template") or scope["path"]
             streaming = bool(scope["route_handler"].opt.get(STREAMING))
             method = cast("HTTPScope", scope)["method"]
-            if not streaming and route not in _UNTIMED_ROUTES:
-                metrics.HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed)
-            if status >= 500:
-                emit = log.warning
-            elif route.startswith(_QUIET_PREFIXES):
-                emit = log.debug
-            else:
-                emit = log.info
-            emit(
-                "http_request",
-                method=method,
-                route=route,
-                path=scope["path"],
-                status=status,
-                duration_ms=round(elapsed * 1000, 3),
-                streaming=streaming,
-            )
+            log_request(method, route, scope["path"], status, elapsed, streaming)
+
+
+def log_request(
+    method: str, route: str, path: str, status: int, elapsed_s: float, streaming: bool
+) -> None:
+    """The request's access-log line, and its duration unless it was a stream."""
+    if not streaming and route not in _UNTIMED_ROUTES:
+        metrics.HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed_s)
+    if status >= 500:
+        emit = log.warning
+    elif route.startswith(_QUIET_PREFIXES):
+        emit = log.debug
+    else:
+        emit = log.info
+    emit(
+        "http_request",
+        method=method,
+        route=route,
+        path=path,
+        status=status,
+        duration_ms=round(elapsed_s * 1000, 3),
+        streaming=streaming,
+    )

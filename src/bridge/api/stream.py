@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from bridge.api.observability import STREAMING
 from bridge.auth import bearer
-from bridge.connections.sse import SSEResponse, closed_stream
+from bridge.connections.sse import SSEResponse, SSEStream, closed_stream
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
@@ -28,8 +28,11 @@ def stream_token(request: Request[Any, Any, Any], query_token: str | None) -> st
     return query_token or bearer(request) or request.cookies.get(TOKEN_COOKIE)
 
 
+STREAM_PATH = "/api/sse/stream/"
+
+
 @get(
-    "/api/sse/stream/{session_id:str}",
+    STREAM_PATH + "{session_id:str}",
     media_type="text/event-stream",
     summary="Stream a session's events (Server-Sent Events)",
     tags=["chat"],
@@ -51,24 +54,45 @@ async def sse_stream(
     `reconnect` event, never an error status: EventSource gives up for good on those, but
     reconnects (elsewhere, or once Redis is back) after a stream ends.
     """
+    stream = await open_session_stream(
+        runtime,
+        session_id,
+        stream_token(request, token),
+        last_event_id_header or last_event_id,
+        address=request.client.host if request.client else None,
+    )
+    return stream if isinstance(stream, ASGIResponse) else SSEResponse(stream)
+
+
+async def open_session_stream(
+    runtime: Runtime,
+    session_id: str,
+    token: str | None,
+    last_event_id: str | None,
+    *,
+    address: str | None,
+) -> SSEStream | ASGIResponse:
+    """Check the request and register the connection; the stream to send, or a refusal.
+
+    Raises `BridgeError`s for bad requests (problem+json answers); answers a `reconnect`-only
+    stream when shutting down or without Redis. Shared by the Litestar route and the direct
+    path (`stream_direct`).
+    """
     session = check_id("sessionId", session_id)
-    runtime.tokens.verify(session, stream_token(request, token))
-    cursor = parse_cursor(last_event_id_header or last_event_id or "")
+    runtime.tokens.verify(session, token)
+    cursor = parse_cursor(last_event_id or "")
     if runtime.stopping:
         return closed_stream(CloseReason.SHUTDOWN, runtime.settings.sse_retry_ms)
-    client = request.client
     try:
         if not await runtime.watch.available():
             raise RedisUnavailable("Redis is away")
-        sub = await runtime.manager.connect(
-            session, cursor, address=client.host if client else None
-        )
+        sub = await runtime.manager.connect(session, cursor, address=address)
     except (RedisUnavailable, RedisError, OSError):
         return closed_stream(CloseReason.REDIS_UNAVAILABLE, runtime.settings.sse_retry_ms)
     structlog.contextvars.bind_contextvars(session_id=session, connection_id=sub.id)
     if runtime.stopping:  # shutdown began while connecting: end at once with `reconnect`
         sub.close(CloseReason.SHUTDOWN)
-    return SSEResponse(
+    return SSEStream(
         sub=sub,
         manager=runtime.manager,
         history=partial(

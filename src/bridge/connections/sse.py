@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import structlog
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Send
+from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
 from redis.exceptions import RedisError
 
 from bridge import metrics
@@ -80,10 +80,14 @@ def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[fl
     return b"".join(out), token_ts
 
 
-class SSEResponse(ASGIResponse):
-    """`text/event-stream` for one connection; unregisters it however the response ends."""
+class SSEStream:
+    """The body of one connection's `text/event-stream`; unregisters it however it ends.
 
-    _should_set_content_length = False
+    Served by `SSEResponse` on the Litestar route, or sent straight to the server by
+    `bridge.api.stream_direct` (the common case: no framework objects per connection).
+    """
+
+    __slots__ = ("_deadline", "_heartbeat_s", "_history", "_manager", "_retry_ms", "_sub")
 
     def __init__(
         self,
@@ -94,9 +98,6 @@ class SSEResponse(ASGIResponse):
         heartbeat_s: float,
         retry_ms: int,
     ) -> None:
-        super().__init__(
-            headers=SSE_HEADERS, media_type="text/event-stream", status_code=200, body=b""
-        )
         self._sub = sub
         self._manager = manager
         self._history = history
@@ -104,7 +105,8 @@ class SSEResponse(ASGIResponse):
         self._retry_ms = retry_ms
         self._deadline: asyncio.Timeout | None = None
 
-    async def send_body(self, send: Send, receive: Receive) -> None:
+    async def __call__(self, send: Send, receive: Receive, start: HTTPResponseStartEvent) -> None:
+        """Send the response: `start`, then the events until the stream ends."""
         # One task per connection besides the response's own: it waits for the client to go.
         # The response writes; a deadline (armed when the subscriber closes) bounds a writer
         # stuck in send() by a client that stopped reading.
@@ -115,6 +117,7 @@ class SSEResponse(ASGIResponse):
                 self._sub.on_close = self._on_close
                 if self._sub.closed is not None:
                     self._on_close(self._sub.closed)
+                await send(start)
                 await self._write(send)
         except TimeoutError:
             pass  # the client is gone, or stuck: it resumes from its cursor when it returns
@@ -168,6 +171,27 @@ class SSEResponse(ASGIResponse):
                 log.info("sse_closed", connection_id=self._sub.id, reason=closed.reason.value)
                 await _body(send, control_frame("reconnect", {"reason": closed.reason.value}))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class SSEResponse(ASGIResponse):
+    """An `SSEStream` as a Litestar response."""
+
+    _should_set_content_length = False
+
+    def __init__(self, stream: SSEStream) -> None:
+        super().__init__(
+            headers=SSE_HEADERS, media_type="text/event-stream", status_code=200, body=b""
+        )
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The stream sends the start too: registered, it must see every way the response ends.
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.encode_headers(),
+        }
+        await self._stream(send, receive, start)
 
 
 async def _body(send: Send, chunk: bytes) -> None:
