@@ -70,11 +70,15 @@ async def replay(
     models = sorted(known | set(cursor))
     if not models:
         return
+    # One round trip for what each stream retains and its first page after the cursor.
     async with redis.pipeline(transaction=False) as pipe:
         for model in models:
-            pipe.xinfo_stream(keys.stream(session, model))
-        infos = await pipe.execute(raise_on_error=False)
-    for model, info in zip(models, infos, strict=True):
+            key = keys.stream(session, model)
+            pipe.xinfo_stream(key)
+            pipe.xrange(key, min=_start(cursor.get(model)), max="+", count=page)
+        replies = await pipe.execute(raise_on_error=False)
+    for index, model in enumerate(models):
+        info, first_page = replies[2 * index], replies[2 * index + 1]
         after = cursor.get(model)
         if isinstance(info, Exception):  # no such key: expired, or not written yet
             if after is not None:
@@ -84,8 +88,11 @@ async def replay(
         if gap is not None:
             yield gap
             if gap.reason == "reset":
-                after = None
-        async for batch in _pages(redis, keys.stream(session, model), model, after, page, stats):
+                after, first_page = None, None  # the page was read after a foreign cursor
+        if isinstance(first_page, Exception):
+            raise first_page
+        key = keys.stream(session, model)
+        async for batch in _pages(redis, key, model, after, page, stats, first_page):
             yield batch
 
 
@@ -108,12 +115,24 @@ def _gap(model: str, info: dict[str, Any], after: EntryId | None) -> Gap | None:
     return None
 
 
+def _start(after: EntryId | None) -> str:
+    return f"({format_entry_id(after)}" if after is not None else "-"
+
+
 async def _pages(
-    redis: Redis, key: str, model: str, after: EntryId | None, page: int, stats: HistoryStats
+    redis: Redis,
+    key: str,
+    model: str,
+    after: EntryId | None,
+    page: int,
+    stats: HistoryStats,
+    entries: Any = None,
 ) -> AsyncIterator[list[Envelope]]:
-    start = f"({format_entry_id(after)}" if after is not None else "-"
+    """The stream's entries after `after`, a page at a time; `entries`: the first, if read."""
+    start = _start(after)
     while True:
-        entries: Any = await redis.xrange(key, min=start, max="+", count=page)
+        if entries is None:
+            entries = await redis.xrange(key, min=start, max="+", count=page)
         if not entries:
             return
         batch: list[Envelope] = []
@@ -129,3 +148,4 @@ async def _pages(
         if len(entries) < page:
             return
         start = "(" + entries[-1][0].decode()
+        entries = None

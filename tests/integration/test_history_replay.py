@@ -1,0 +1,77 @@
+"""The catch-up read: every retained entry after the cursor, once, in order, gaps announced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.streams.codec import EntryId, EventType, StreamEvent, parse_entry_id, to_fields
+from bridge.streams.history import Gap, replay
+from bridge.streams.keys import Keys
+
+pytestmark = pytest.mark.integration
+
+
+async def write(redis: aioredis.Redis, key: str, count: int) -> list[EntryId]:
+    ids = []
+    for seq in range(1, count + 1):
+        event = StreamEvent(EventType.TOKEN, "r1", seq, 1.0, content=f"t{seq}")
+        fields = to_fields(event)
+        entry: Any = await redis.xadd(key, dict(zip(fields[::2], fields[1::2], strict=True)))
+        ids.append(parse_entry_id(entry))
+    return ids
+
+
+async def read(redis: aioredis.Redis, keys: Keys, cursor: dict[str, EntryId], page: int) -> Any:
+    items = [
+        item async for item in replay(redis, keys, "s", cursor, page=page, known_models=_models)
+    ]
+    gaps = [item for item in items if isinstance(item, Gap)]
+    seqs = [
+        (env.model, env.event.seq) for item in items if not isinstance(item, Gap) for env in item
+    ]
+    return gaps, seqs
+
+
+def _models(session: str) -> set[str]:
+    return {"a", "b"}
+
+
+@pytest.mark.parametrize("page", [1, 3, 7, 500])
+async def test_every_entry_after_the_cursor_arrives_once_in_order_across_pages(
+    redis: aioredis.Redis, key_prefix: str, page: int
+) -> None:
+    """Pages of any size (the first read with the stream's retention, the rest after it)."""
+    keys = Keys(key_prefix)
+    a_ids = await write(redis, keys.stream("s", "a"), 7)
+    await write(redis, keys.stream("s", "b"), 3)
+    gaps, seqs = await read(redis, keys, {"a": a_ids[1]}, page)
+    assert gaps == []
+    assert seqs == [("a", n) for n in range(3, 8)] + [("b", n) for n in (1, 2, 3)]
+
+
+async def test_a_cursor_from_elsewhere_resets_and_a_missing_stream_is_expired(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """A cursor ahead of all the stream ever held replays it whole, after a `reset` gap; a
+    cursor on a stream that is gone gets an `expired` gap."""
+    keys = Keys(key_prefix)
+    await write(redis, keys.stream("s", "a"), 4)
+    ahead = (2**62, 0)
+    gaps, seqs = await read(redis, keys, {"a": ahead, "b": (1, 0)}, 3)
+    assert gaps == [Gap("a", "reset", ahead), Gap("b", "expired", (1, 0))]
+    assert seqs == [("a", n) for n in range(1, 5)]
+
+
+async def test_trimmed_entries_after_the_cursor_are_announced(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """Entries trimmed after the cursor: a `trimmed` gap, then what is left."""
+    keys = Keys(key_prefix)
+    ids = await write(redis, keys.stream("s", "a"), 6)
+    await redis.xtrim(keys.stream("s", "a"), maxlen=2, approximate=False)
+    gaps, seqs = await read(redis, keys, {"a": ids[0]}, 500)
+    assert gaps == [Gap("a", "trimmed", ids[0])]
+    assert seqs == [("a", 5), ("a", 6)]
