@@ -78,3 +78,22 @@ def test_fanout_cost_smoke_run_prints_both_designs() -> None:
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
     assert [int(row[0]) for row in rows] == [5, 50]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
+def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
+    """`python -m bench.reconnect_cost` runs (a few sessions) and reports a row per mode."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.reconnect_cost", "--sessions", "3", "--rounds", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    assert [row[0].strip() for row in rows] == ["one at a time", "bursts of 3"]
+    assert all(float(row[1]) > 0 and int(row[3]) > 0 for row in rows)
