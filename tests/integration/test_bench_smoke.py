@@ -96,4 +96,5 @@ def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
     assert [row[0].strip() for row in rows] == ["one at a time", "bursts of 3"]
-    assert all(float(row[1]) > 0 and int(row[3]) > 0 for row in rows)
+    assert all(float(row[1]) > 0 for row in rows)  # a token came after every reconnect
+    assert all(int(row[3]) >= 0 for row in rows)  # CPU is read in 10 ms ticks: may be 0 here
