@@ -113,6 +113,7 @@ async def serve_directly(app: Litestar, scope: HTTPScope, receive: Receive, send
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(http_request_id=rid)
     client = scope.get("client")
+    started = time.perf_counter()
     try:
         stream = await open_session_stream(
             runtime,
@@ -130,7 +131,6 @@ async def serve_directly(app: Litestar, scope: HTTPScope, receive: Receive, send
         "status": 200,
         "headers": [*_START_HEADERS, (REQUEST_ID_HEADER.encode(), rid.encode())],
     }
-    started = time.perf_counter()
     try:
         await stream(send, receive, start)
     finally:
