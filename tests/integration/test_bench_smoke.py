@@ -18,28 +18,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
-    """`python -m bench --smoke` runs S1-S5 on its own processes and writes its results."""
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from this checkout, without the caller's bridge settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--smoke",
-            "--repeats",
-            "1",
-            "--quiet",
-            "--out",
-            str(tmp_path),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout,
         check=False,
+    )
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of a Markdown table printed after its header and rule lines."""
+    return [line.split("|")[1:-1] for line in stdout.splitlines()[2:]]
+
+
+def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
+    """`python -m bench --smoke` runs S1-S5 on its own processes and writes its results."""
+    done = run_module(
+        "bench", "--smoke", "--repeats", "1", "--quiet", "--out", str(tmp_path), timeout=280
     )
     assert done.returncode == 0, done.stderr[-4000:]
     [results] = tmp_path.glob("*/results.json")
@@ -63,38 +65,18 @@ def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
 
 def test_fanout_cost_smoke_run_prints_both_designs() -> None:
     """`python -m bench.fanout_cost` runs (a few entries) and reports a figure per design."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.fanout_cost", "--entries", "50", "--sessions", "5", "50"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_module("bench.fanout_cost", "--entries", "50", "--sessions", "5", "50")
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    rows = table_rows(done.stdout)
     assert [int(row[0]) for row in rows] == [5, 50]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
 
 
 def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
     """`python -m bench.reconnect_cost` runs (a few sessions) and reports a row per mode."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.reconnect_cost", "--sessions", "3", "--rounds", "2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_module("bench.reconnect_cost", "--sessions", "3", "--rounds", "2")
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    rows = table_rows(done.stdout)
     assert [row[0].strip() for row in rows] == ["one at a time", "bursts of 3"]
     assert all(float(row[1]) > 0 for row in rows)  # a token came after every reconnect
     assert all(int(row[3]) >= 0 for row in rows)  # CPU is read in 10 ms ticks: may be 0 here
