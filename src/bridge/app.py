@@ -65,7 +65,9 @@ def create_app(
     handlers: list[ControllerRouterHandler] = [HealthController, metrics_endpoint]
     if with_api:
         handlers[:0] = [ChatController, cancel_chat, sse_stream, *SEED_ROUTES]
-    app = BridgeApp(
+    # the direct path of the stream route exists only where the route does
+    app_class = BridgeApp if with_api else Litestar
+    app = app_class(
         route_handlers=handlers,
         dependencies={"runtime": Provide(runtime_dependency, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -57,7 +57,11 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, *, direct: bool = True
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    direct: bool = True,
+    with_api: bool = True,
 ) -> AsyncIterator[Served]:
     outcomes: list[bool] = []
     serve_directly = bridge.app.serve_directly
@@ -68,7 +72,7 @@ async def serving(
         return outcome
 
     monkeypatch.setattr(bridge.app, "serve_directly", spy)
-    app = create_app(settings)
+    app = create_app(settings, with_api=with_api, with_worker=with_api)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
@@ -267,3 +271,16 @@ async def test_a_stopping_process_declines_and_the_route_sends_reconnect(
         assert [e.event for e in events] == ["reconnect"]
         assert msgspec.json.decode(events[0].data) == {"reason": "shutdown"}
         assert await served.settled(1) == [False]
+
+
+async def test_the_workers_listener_serves_no_streams(
+    quick: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bridge worker`'s listener (health and metrics only) has no stream route, direct or not:
+    a valid stream token still gets 404 there."""
+    async with serving(quick, monkeypatch, with_api=False) as served:
+        url = f"/api/sse/stream/w?token={served.runtime.tokens.issue('w')}"
+        async with served.http() as http:
+            response = await http.get(url)
+        assert response.status_code == 404
+        assert served.runtime.manager.connection_count == 0
