@@ -26,6 +26,7 @@ from bridge.runtime import Runtime
 from bridge.settings import Settings
 from bridge.sse_client import SSEEvent, SSEParser
 from tests.redis_fixtures import free_port
+from tests.servers import TERMINAL, payloads, start_chat
 
 pytestmark = [
     pytest.mark.integration,
@@ -88,14 +89,9 @@ async def serving(
         await task
 
 
-async def start_chat(served: Served, session: str) -> dict[str, Any]:
+async def chat(served: Served, session: str) -> dict[str, Any]:
     async with served.http() as http:
-        response = await http.post(
-            "/api/chat/start", json={"sessionId": session, "modelId": "mock", "prompt": "hi"}
-        )
-    assert response.status_code == 202, response.text
-    body: dict[str, Any] = response.json()
-    return body
+        return await start_chat(http, session)
 
 
 async def read_until(response: httpx.Response, done: Callable[[SSEEvent], bool]) -> list[SSEEvent]:
@@ -110,11 +106,11 @@ async def read_until(response: httpx.Response, done: Callable[[SSEEvent], bool])
 
 
 def terminal(event: SSEEvent) -> bool:
-    return event.event in {"complete", "error", "cancelled"}
+    return event.event in TERMINAL
 
 
 def tokens_of(events: list[SSEEvent]) -> list[int]:
-    return [msgspec.json.decode(e.data)["sequence"] for e in events if e.event == "token"]
+    return [token["sequence"] for token in payloads(events)]
 
 
 @pytest.fixture
@@ -128,7 +124,7 @@ async def test_a_live_stream_is_served_directly_with_every_token_once(
     """A stream with a valid token takes the direct path; it delivers the whole answer, in
     order, logs the route's access line and unregisters the connection when it ends."""
     async with serving(quick, monkeypatch) as served:
-        started = await start_chat(served, "direct-1")
+        started = await chat(served, "direct-1")
         with capture_logs(CAPTURE) as logs:
             async with served.http() as http, http.stream("GET", started["streamUrl"]) as resp:
                 assert resp.status_code == 200
@@ -154,7 +150,7 @@ async def test_the_direct_path_answers_as_the_route_does(
     for direct in (True, False):
         with monkeypatch.context() as patch:
             async with serving(quick, patch, direct=direct) as served:
-                started = await start_chat(served, f"same-{direct}")
+                started = await chat(served, f"same-{direct}")
                 with capture_logs(CAPTURE) as logs:
                     async with (
                         served.http() as http,
@@ -179,7 +175,7 @@ async def test_a_reconnect_resumes_after_its_cursor(
 ) -> None:
     """`Last-Event-ID` on the direct path: the rest of the answer, nothing twice."""
     async with serving(quick, monkeypatch) as served:
-        started = await start_chat(served, "direct-resume")
+        started = await chat(served, "direct-resume")
         async with served.http() as http:
             async with http.stream("GET", started["streamUrl"]) as resp:
                 first = await read_until(resp, lambda e: e.event == "token")

@@ -18,6 +18,7 @@ runs again there, so declining is always safe.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import structlog
@@ -38,22 +39,17 @@ _START_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     *((name.lower().encode(), value.encode()) for name, value in SSE_HEADERS.items()),
 ]
-
-
 _READ_HEADERS = frozenset(
     {b"authorization", b"cookie", b"last-event-id", b"origin", REQUEST_ID_HEADER.encode()}
 )
 
 
-class StreamRequest:
+class StreamRequest(NamedTuple):
     """What a stream request carries: session id, token, cursor."""
 
-    __slots__ = ("last_event_id", "session_id", "token")
-
-    def __init__(self, session_id: str, token: str | None, last_event_id: str | None) -> None:
-        self.session_id = session_id
-        self.token = token
-        self.last_event_id = last_event_id
+    session_id: str
+    token: str | None
+    last_event_id: str | None
 
 
 def parse_stream_request(

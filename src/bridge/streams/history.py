@@ -71,13 +71,13 @@ async def replay(
     if not models:
         return
     # One round trip for what each stream retains and its first page after the cursor.
+    streams = [keys.stream(session, model) for model in models]
     async with redis.pipeline(transaction=False) as pipe:
-        for model in models:
-            key = keys.stream(session, model)
+        for model, key in zip(models, streams, strict=True):
             pipe.xinfo_stream(key)
             pipe.xrange(key, min=_start(cursor.get(model)), max="+", count=page)
         replies = await pipe.execute(raise_on_error=False)
-    for index, model in enumerate(models):
+    for index, (model, key) in enumerate(zip(models, streams, strict=True)):
         info, first_page = replies[2 * index], replies[2 * index + 1]
         after = cursor.get(model)
         if isinstance(info, Exception):  # no such key: expired, or not written yet
@@ -91,7 +91,6 @@ async def replay(
                 after, first_page = None, None  # the page was read after a foreign cursor
         if isinstance(first_page, Exception):
             raise first_page
-        key = keys.stream(session, model)
         async for batch in _pages(redis, key, model, after, page, stats, first_page):
             yield batch
 
