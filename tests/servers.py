@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.sse_client import SSEEvent, SSEParser
 from tests.redis_fixtures import free_port
@@ -232,3 +233,27 @@ def serving(
             await client.aclose()
 
         asyncio.run(clean())
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(server: BridgeProcess) -> tuple[str, Samples]:
+    """The text of `/metrics`, and its samples parsed by the Prometheus text parser."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(server.base_url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return response.text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)

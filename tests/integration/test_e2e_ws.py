@@ -12,6 +12,7 @@ import websockets
 from bridge.providers.mock import mock_answer
 from tests.fakes.openai_upstream import Behaviour, FakeUpstream
 from tests.seed_server import SeedServer, recv, recv_until, seed_server
+from tests.servers import delta, scrape
 
 pytestmark = pytest.mark.integration
 __all__ = ["seed_server"]
@@ -136,6 +137,25 @@ async def test_listen_from_another_connection_and_resume_with_a_cursor(
         await late.send(json.dumps({"type": "listen", "job_id": job_id}))
         replayed = await recv_until(late, {"done", "failed"})
     assert "".join(u["message"] for u in replayed if u["type"] == "running") == mock_answer(40)
+
+
+async def test_websocket_tokens_are_counted_and_live_ones_timed(seed_server: SeedServer) -> None:
+    """`bridge_tokens_delivered_total{transport="websocket"}` counts every token sent, the
+    replayed ones too; the delivery latency histogram times the live ones only."""
+    _, before = await scrape(seed_server.process)
+    async with websockets.connect(seed_server.ws_url) as ws:
+        await ws.send(json.dumps(mock_add(mock_tokens=6, mock_delay_ms=20)))
+        job_id = (await recv(ws))["job_id"]
+        live = await recv_until(ws, {"done", "failed"})
+    async with websockets.connect(seed_server.ws_url) as late:
+        await late.send(json.dumps({"type": "listen", "job_id": job_id}))
+        replayed = await recv_until(late, {"done", "failed"})
+    _, after = await scrape(seed_server.process)
+    assert [u["type"] for u in live].count("running") == 6
+    assert [u["type"] for u in replayed].count("running") == 6
+    assert delta(before, after, "bridge_tokens_delivered_total", transport="websocket") == 12
+    timed = "bridge_token_delivery_latency_seconds_count"
+    assert delta(before, after, timed, transport="websocket") == 6
 
 
 async def test_a_failing_stream_falls_back_to_the_next(seed_server: SeedServer) -> None:

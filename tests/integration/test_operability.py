@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.settings import Settings
 from tests.faults import upstream_process
@@ -22,11 +21,14 @@ from tests.redis_fixtures import delete_prefixed, free_port
 from tests.servers import (
     BridgeProcess,
     bridge_env,
+    delta,
     open_stream,
     payloads,
+    scrape,
     start_bridge,
     start_chat,
     tokens,
+    value,
     wait_ready,
 )
 
@@ -35,8 +37,6 @@ pytestmark = pytest.mark.integration
 API_KEY = "sk-test-0123456789abcdefghij"
 MODELS = "gpt-4=openai:gpt-4?tokens=40&delay_ms=2,limited=openai:limited?status=429,mock=mock:mock"
 FORBIDDEN_LABELS = {"session", "session_id", "request_id", "connection_id", "user", "path"}
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture(scope="module")
@@ -89,27 +89,6 @@ async def _ready(*servers: BridgeProcess) -> None:
 async def http(fleet: tuple[BridgeProcess, BridgeProcess]) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=fleet[0].base_url, timeout=10) as client:
         yield client
-
-
-async def scrape(server: BridgeProcess) -> tuple[str, Samples]:
-    """The text of `/metrics`, and its samples parsed by the Prometheus text parser."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(server.base_url + "/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return response.text, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
 
 
 def promtool_check(text: str, tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ def bridge_families() -> list[object]:
     return [f for f in metrics.REGISTRY.collect() if f.name.startswith("bridge_")]
 
 
+LES = ("0.0025", "0.005", "0.01", "0.025", "0.05", "+Inf")
+
+
 def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -80,6 +83,24 @@ def test_live_delivery_counts_tokens_and_observes_their_latency() -> None:
     assert sample("bridge_token_delivery_latency_seconds_count", transport="sse") == before_obs + 2
     fast = sample("bridge_token_delivery_latency_seconds_bucket", transport="sse", le="0.001")
     assert fast == before_fast + 1
+
+
+def test_delivery_latency_buckets_are_inclusive_and_cumulative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A latency equal to a bound counts in that bucket (`le`), every wider bucket counts it
+    too, and the sum adds the latencies: the text format Prometheus expects of a histogram."""
+    monkeypatch.setattr(metrics.time, "time", lambda: 1000.0)  # now: 1,000,000 ms
+    name = "bridge_token_delivery_latency_seconds"
+
+    def buckets() -> dict[str, float]:
+        return {le: sample(f"{name}_bucket", transport="websocket", le=le) for le in LES}
+
+    before, before_sum = buckets(), sample(f"{name}_sum", transport="websocket")
+    metrics.WEBSOCKET.delivered([1_000_000.0 - 5.0, 1_000_000.0 - 30.0])  # 5 ms, 30 ms
+    grown = {le: count - before[le] for le, count in buckets().items()}
+    assert grown == {"0.0025": 0, "0.005": 1, "0.01": 1, "0.025": 1, "0.05": 2, "+Inf": 2}
+    assert sample(f"{name}_sum", transport="websocket") - before_sum == pytest.approx(0.035)
 
 
 def test_replayed_tokens_are_counted_but_not_timed() -> None:

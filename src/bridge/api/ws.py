@@ -22,6 +22,7 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.auth import principal
 from bridge.client_limits import MessageLimiter
 from bridge.connections.subscriber import Closed, Envelope, Subscriber
@@ -192,11 +193,11 @@ class WSConnection:
                     if item.reason == "reset":
                         sub.cursor.pop(item.model, None)
                     await self.send({"type": "gap", "job_id": job_id, "reason": item.reason})
-                elif await self._relay(job_id, sub, item):
+                elif await self._relay(job_id, sub, item, live=False):
                     return
             while self._open:
                 batch = await sub.next_batch(runtime.settings.sse_heartbeat_s)
-                if batch and await self._relay(job_id, sub, batch):
+                if batch and await self._relay(job_id, sub, batch, live=True):
                     return
         except Closed as closed:
             if closed.reason is not CloseReason.CLIENT_GONE:
@@ -211,11 +212,15 @@ class WSConnection:
         finally:
             runtime.manager.disconnect(sub)
 
-    async def _relay(self, job_id: str, sub: Subscriber, batch: list[Envelope]) -> bool:
+    async def _relay(
+        self, job_id: str, sub: Subscriber, batch: list[Envelope], *, live: bool
+    ) -> bool:
         """Send the new events of `batch`; True once the terminal event was sent."""
         for envelope in batch:
             if sub.accept(envelope.model, envelope.entry_id):
                 await self.send(update(job_id, envelope, sub.cursor_text))
+                if envelope.event.type is EventType.TOKEN:
+                    metrics.WEBSOCKET.delivered((envelope.event.ts,), live=live)
                 if envelope.event.terminal:
                     return True
         return False
