@@ -1,6 +1,7 @@
-"""A dedicated Redis connection for the two hot paths, with commands packed by hand.
+"""A dedicated Redis connection for the hot paths, with commands packed by hand.
 
-The fan-out reader's `XREAD` and the producer's batched `EVALSHA` run once per token or so.
+The fan-out reader's subscription and the producer's batched `EVALSHA` run once per token or
+so.
 Through redis-py's client, each call paid for a pool checkout, a task for its write timeout,
 argument packing one value at a time and reply callbacks: a fifth of the API process and a
 quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its command once
@@ -8,9 +9,9 @@ quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its 
 
 The connection is one of the client's pool, checked out for good, so the URL, TLS,
 authentication, database and connect timeout are the client's, and closing the client closes
-it. It serves one caller at a time (the fan-out loop, the script batcher's single sender).
-Any failure or cancellation mid-call disconnects it: a later call reconnects rather than read
-a stale reply.
+it. It serves one reader at a time (the fan-out loop, the script batcher's single sender);
+other tasks may `send` on it, whole commands being written at once. Any failure or
+cancellation mid-call disconnects it: a later call reconnects rather than read a stale reply.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ class RawConnection:
             conn.socket_timeout = None
             self._conn = conn
         return self._conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.is_connected
+
+    async def connect(self) -> None:
+        """Connect now, if not connected (`send` and `call` connect too)."""
+        await self._guarded(self._connect(), None)
+
+    async def _connect(self) -> None:
+        await (await self._connection()).connect()  # type: ignore[no-untyped-call]
 
     async def call(
         self, packed: bytes | list[bytes], replies: int = 1, *, timeout_s: float | None = None

@@ -77,14 +77,16 @@ class Runtime:
             self.fanout = FanoutReader(
                 RawConnection(
                     self._blocking_client(choice.url, blocking_timeout),
-                    name="XREAD",
+                    name="SUBSCRIBE",
                     timeout_s=blocking_timeout,
                     timed=False,
                 ),
+                RawConnection(redis, name="XREAD"),
                 redis,
                 self.keys,
                 self.manager.deliver,
-                block_ms=settings.fanout_block_ms,
+                keepalive_s=settings.fanout_block_ms / 1000,
+                timeout_s=settings.redis_timeout_s,
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))

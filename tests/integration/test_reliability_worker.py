@@ -214,21 +214,23 @@ async def test_readers_skip_and_count_malformed_entries(
     assert settings.redis_url is not None
     blocking = make_client(settings.redis_url, settings, socket_timeout=10)
     reader = FanoutReader(
-        RawConnection(blocking, name="XREAD", timed=False),
+        RawConnection(blocking, name="SUBSCRIBE", timed=False),
+        RawConnection(redis, name="XREAD"),
         redis,
         keys,
         lambda s, m, batch: delivered.extend(batch),
-        block_ms=200,
+        keepalive_s=0.2,
     )
     await redis.xadd(keys.session_index("s"), {"m": "mock", "r": "r"})
-    await reader.track("s")
     task = asyncio.create_task(reader.run())
     try:
         await wait_until(reading(reader), 10, "the reader's first read")
+        await reader.track("s")
         stream = keys.stream("s", "mock")
         await redis.xadd(stream, {"t": "what"})
-        await redis.xadd(stream, {"t": "token", "r": "r", "s": "1", "ts": "1", "c": "ok "})
-        await redis.xadd(keys.activity, {"s": "s", "m": "mock"})  # as the append script does
+        last = await redis.xadd(stream, {"t": "token", "r": "r", "s": "1", "ts": "1", "c": "ok "})
+        # a message whose `prev` is past the reader's position: it reads the stream
+        await redis.publish(keys.live_channel("s"), b"mock\n%s\n1\n%s\n[]" % (last, last))
 
         async def got_one() -> bool:
             return len(delivered) == 1

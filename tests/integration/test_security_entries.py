@@ -132,17 +132,21 @@ async def test_token_text_that_looks_like_sse_framing_arrives_intact(
 
 
 async def announce(redis: aioredis.Redis, keys: Keys, session: str, model: str) -> None:
-    """What the append script does after writing: name the stream on the activity stream,
-    after some hostile announcements the fan-out reader must skip."""
+    """Publish on the session's channel what no append script would: unreadable messages,
+    then one whose `prev` lies past everything written, so the live reader must read the
+    stream itself to deliver the entries the test wrote."""
+    channel = keys.live_channel(session)
+    far = 2**62
     for hostile in (
-        {"x": "y"},
-        {"s": session},
-        {"s": session, "m": "a:b"},
-        {"s": session, "m": b"\xff\xfe"},
-        {"s": b"\xff", "m": model},
+        b"",
+        b"x",
+        b"a:b\n0-0\n1\n1-1\n[]",
+        b"\xff\xfe",
+        f"{model}\n0-0\nx\n1-1\n[]".encode(),
+        f"{model}\n0-0\n9\n{far}-0\n[[1]]".encode(),
     ):
-        await redis.xadd(keys.activity, hostile)  # type: ignore[arg-type]
-    await redis.xadd(keys.activity, {"s": session, "m": model})
+        await redis.publish(channel, hostile)
+    await redis.publish(channel, f"{model}\n{far}-0\n1\n{far}-1\n[]".encode())
 
 
 async def fanout_restarts(server: BridgeProcess) -> int:
@@ -203,7 +207,8 @@ async def test_unsafe_model_names_in_a_session_index_are_ignored(
     async with open_stream(stream_url(server, session)) as tab:
         await tab.wait_for(lambda events: any(e.event == "token" for e in events))
         await redis.xadd(index, {"m": model, "r": "r2"})
-        await redis.xadd(keys.activity, {"s": session, "m": model})  # the live reader meets it
+        # the live reader meets it in a message
+        await redis.publish(keys.live_channel(session), model + b"\n0-0\n1\n1-1\n[]")
         await redis.xadd(keys.stream(session, "mock"), entry("token", 2, "two"))
         await redis.xadd(keys.stream(session, "mock"), entry("complete", 3, finishReason="stop"))
         await announce(redis, keys, session, "mock")

@@ -1,33 +1,43 @@
-"""The fan-out reader: one blocking read per process, whatever the number of sessions.
+"""The fan-out reader: appends pushed by Redis pub/sub; the streams read only to fill gaps.
 
-Every append (the producer's script) also adds `(session, model)` to one activity stream.
-The reader blocks on that stream alone; when it names a session this process tails, the
-reader fetches that session's new entries with a non-blocking `XREAD` from its own
-positions and hands them to `deliver`. Delivery stays cursor-based (no consumer group: a
-group would split the entries among readers, and every connection needs every entry).
+Every append (the producer's script) publishes what it wrote on its session's channel
+(`Keys.live_channel`): the model, the stream's last entry id before the append (`prev`), and
+the new entries with their ids. The reader subscribes to the channels of the sessions it
+tails, on one connection, and delivers an append straight from its message when the message
+continues the stream from where the reader is: one pushed message per append, and no command
+per wake-up.
 
-Why not one blocking `XREAD` over every tailed stream (the first design, and DESIGN.md's):
-Redis registers a blocked reader on every key it names and re-scans them all at each
-wake-up, so each token cost Redis time in proportion to the open sessions: 0.3 ms per entry
-with 100 sessions, 5.2 ms with 2,000 (`python -m bench.fanout_cost`). Here a wake-up costs
-the activity entry and the keys that had news: 30-45 us at any count.
+Nothing is missed or repeated. Positions are per stream; a message is used only when its
+`prev` is at or before the reader's position in that stream (the entries after the position
+are then exactly the message's ones after it). Otherwise (a message lost with a dropped
+connection, an entry written by anything but the script, a stream met mid-way) the reader
+reads the stream from its position with `XREAD`, which returns all the message named and
+more. Tracking a session subscribes first, and reads its streams' ends only once Redis
+confirmed the subscription, so every later append is announced. After a connection loss the
+reader subscribes again and re-reads every stream it tails before going on.
 
-Nothing is missed: an activity entry is written in the same script as the entries it
-announces, and positions are per stream, so a stream read after its announcement returns
-everything after the reader's position. Tracking a session reads its streams' current ends
-first; anything appended later is announced later. Where announcements may have been
-missed (at start, after a Redis error, or if the reader fell further behind than the
-activity stream keeps), the reader re-reads every stream it tails before going on.
+Why not what came before. DESIGN.md's reader blocked in one `XREAD` over every tailed stream:
+Redis re-scans them all at each wake-up (0.3 ms per entry with 100 sessions, 5.2 ms with 2,000;
+`python -m bench.fanout_cost`). The next design blocked on one activity stream naming every
+append, then read the named streams: two commands per wake-up, and every API process read
+every session's activity. Here Redis pushes each process its own sessions' appends, entries
+included.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge import metrics
@@ -43,6 +53,8 @@ Deliver = Callable[[str, str, list[tuple[EntryId, StreamEvent]]], None]
 """deliver(session, model, [(entry id, event), ...]) is called in stream order."""
 
 _RESYNC_KEYS = 1000  # streams per non-blocking read when re-reading everything
+_SUBSCRIBE_CHANNELS = 1000  # channels per SUBSCRIBE when subscribing again
+_decode_entries = msgspec.json.Decoder(list[list[Any]]).decode
 
 
 class FanoutReader:
@@ -50,35 +62,37 @@ class FanoutReader:
 
     def __init__(
         self,
+        subscriber: RawConnection,
         reader: RawConnection,
         redis: Redis,
         keys: Keys,
         deliver: Deliver,
         *,
-        block_ms: int = 5000,
+        keepalive_s: float = 5.0,
+        timeout_s: float = 5.0,
         count: int = 500,
     ) -> None:
-        self._reader = reader  # a dedicated connection: it spends its life blocked
+        self._subscriber = subscriber  # pub/sub: SUBSCRIBE, UNSUBSCRIBE and PING only
+        self._reader = reader  # the streams' reads that fill gaps
         self._redis = redis
         self._keys = keys
         self._deliver = deliver
+        self._keepalive_s = keepalive_s  # a PING this often: a silent connection is a dead one
+        self._timeout_s = timeout_s
         self._count = count
-        self._activity = keys.activity.encode()
-        # `XREAD COUNT c BLOCK b STREAMS <activity>` (8 arguments), then the position
-        self._activity_read = (
-            b"*8\r\n"
-            + b"".join(bulk(arg) for arg in ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS"))
-            + bulk(self._activity)
-        )
         self._streams_read = bulk("XREAD") + bulk("COUNT") + bulk(count) + bulk("STREAMS")
-        # where the reader is in the activity stream; None: re-read every stream first
-        self._activity_position: bytes | None = None
-        self._blocked = False  # a blocking activity read was sent and not yet answered
-        self._backlog: dict[bytes, None] = {}  # streams with more to read than one read gave
+        self._channel_prefix = keys.live_channel("").encode()
+        # the reader's own channel: subscribed from the start, so the connection always is
+        self._own_channel = f"{keys.prefix}fanout:{uuid.uuid4().hex}".encode()
         self._positions: dict[bytes, bytes] = {}  # stream key -> last entry id handled
         self._session_keys: dict[str, set[bytes]] = {}
         self._ready: set[str] = set()  # sessions whose tracking finished
         self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
+        self._live = False  # subscribed on the current connection: track() may add channels
+        self._pongs: dict[bytes, list[asyncio.Future[None]]] = {}  # PING token -> waiters
+        self._deferred: list[asyncio.Future[None]] = []  # waiters for the next subscribing
+        self._tokens = itertools.count(1)
+        self._unsubscribe: set[bytes] = set()  # channels of sessions no longer tailed
         self.malformed = 0
         self.connected = False
 
@@ -89,9 +103,9 @@ class FanoutReader:
     def models(self, session: str) -> set[str] | None:
         """Models of `session` whose streams are tailed, or None until its tracking finished.
 
-        Complete up to the last activity read: a model whose first entry is announced later
-        is tailed from its stream's first entry as soon as the announcement is read, so a
-        catch-up may skip it (it arrives live, from its start).
+        Complete up to the last message read: a model whose first entry is announced later
+        is tailed from its stream's first entry, so a catch-up may skip it (it arrives live,
+        from its start).
         """
         if session not in self._ready:
             return None
@@ -101,9 +115,11 @@ class FanoutReader:
         """Start tailing `session`: every model stream it has, from their ends."""
         if session in self._session_keys:
             return
-        self._session_keys[session] = set()
-        index = self._keys.session_index(session)
+        mine: set[bytes] = set()
+        self._session_keys[session] = mine
         try:
+            await self._subscribe(session)
+            index = self._keys.session_index(session)
             entries: Any = await self._redis.xrange(index)
             models = sorted({model for _, fields in entries if (model := indexed_model(fields))})
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -111,9 +127,10 @@ class FanoutReader:
                     pipe.xrevrange(self._keys.stream(session, model), count=1)
                 last_entries: list[Any] = await pipe.execute()
         except BaseException:
-            self._session_keys.pop(session, None)
+            if self._session_keys.get(session) is mine:
+                self.untrack(session)
             raise
-        if session not in self._session_keys:  # untracked while we were reading
+        if self._session_keys.get(session) is not mine:  # untracked while we were reading
             return
         for model, last in zip(models, last_entries, strict=True):
             self._add_stream(session, model, last[0][0] if last else b"0-0")
@@ -125,99 +142,167 @@ class FanoutReader:
         for key in self._session_keys.pop(session, set()):
             self._positions.pop(key, None)
             self._stream_owner.pop(key, None)
+        self._unsubscribe.add(self._channel(session))  # sent with the next keepalive
 
     async def run(self) -> None:
         """Read until cancelled; ride out Redis outages with capped backoff."""
         backoff = Backoff()
+        keepalive = asyncio.create_task(self._keepalive(), name="fanout-keepalive")
+        try:
+            while True:
+                raise_if_cancelling()
+                try:
+                    await self._follow(backoff)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if self.connected:
+                        log.warning("fanout_redis_error", error=str(exc))
+                    self._lost()
+                    await backoff.wait()
+        finally:
+            keepalive.cancel()
+            self._lost()
+
+    async def _subscribe(self, session: str) -> None:
+        """Subscribe to `session`'s channel; return once Redis confirmed it."""
+        channel = self._channel(session)
+        self._unsubscribe.discard(channel)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._live and self._subscriber.connected:
+            # A PING after it: its answer comes once the SUBSCRIBE (and all before) took effect.
+            token = self._token()
+            self._pongs[token] = [waiter]
+            # if this fails, the reader reconnects and subscribes every tracked session again
+            with contextlib.suppress(RedisError, OSError):
+                await self._subscriber.send([pack("SUBSCRIBE", channel), pack("PING", token)])
+        else:
+            self._deferred.append(waiter)  # the reader's next subscribing includes this one
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await waiter
+        except TimeoutError:
+            raise RedisTimeoutError("Redis did not confirm a subscription in time") from None
+
+    async def _follow(self, backoff: Backoff) -> None:
+        """Subscribe to every tracked session, re-read their streams, then follow messages."""
+        await self._subscriber.connect()
+        channels = [self._own_channel, *map(self._channel, self._session_keys)]
+        token = self._token()
+        self._pongs[token], self._deferred = self._deferred, []
+        self._live = True
+        await self._subscriber.send(
+            [
+                pack("SUBSCRIBE", *channels[start : start + _SUBSCRIBE_CHANNELS])
+                for start in range(0, len(channels), _SUBSCRIBE_CHANNELS)
+            ]
+            + [pack("PING", token)]
+        )
         while True:
-            raise_if_cancelling()
-            try:
-                await self._read_once()
-                backoff.reset()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if self.connected:
-                    log.warning("fanout_redis_error", error=str(exc))
-                self.connected = False
-                self._blocked = False  # the connection was dropped with whatever it awaited
-                self._activity_position = None  # announcements may be missed meanwhile
-                await backoff.wait()
+            reply = await self._subscriber.read()
+            if isinstance(reply, Exception):
+                raise reply
+            kind = reply[0]
+            if kind == b"message":
+                gaps = self._on_message(reply[1], reply[2])
+                if gaps:
+                    await self._read_streams(gaps)
+            elif kind == b"pong":
+                for waiter in self._pongs.pop(reply[1], ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
+                if reply[1] == token:  # everything subscribed: what was missed is in the streams
+                    await self._resync()
+                    self.connected = True
+                    backoff.reset()
 
-    async def _read_once(self) -> None:
-        if not self._blocked:
-            if self._activity_position is None:
-                await self._resync()
-            await self._reader.send(self._activity_command())
-            self._blocked = True
-        reply = await self._reader.read()
-        self._blocked = False
-        if isinstance(reply, Exception):
-            raise reply
-        self.connected = True
-        news = self._take_backlog()
-        if reply:
-            entries = reply[0][1]
-            self._activity_position = entries[-1][0]
-            news.extend(self._announced(entries))
-            if len(entries) >= self._count:
-                # Behind by a full read: if the activity stream was trimmed past this
-                # reader's position, announcements are gone; re-read everything next.
-                self._activity_position = None
-        news = self._tailed(news)
-        if not news:
-            return
-        if self._activity_position is None:
-            await self._read_streams(news)
-            return
-        # One write: the read of the announced streams, and already the next blocking read.
-        await self._reader.send(self._streams_command(news) + self._activity_command())
-        self._blocked = True
-        full = self._on_streams(await self._reader.read())
-        if full:
-            # More than one read's worth on some stream, and the connection is blocked:
-            # note them, and announce to this reader that there is more to read.
-            self._backlog.update(dict.fromkeys(full))
-            await self._redis.xadd(self._keys.activity, {"s": "", "m": ""})
-
-    def _announced(self, entries: list[list[Any]]) -> list[bytes]:
-        """Stream keys the activity entries name, of the sessions tailed here."""
-        keys: list[bytes] = []
-        for _, flat in entries:
-            fields = _pairs(flat)
-            session = fields.get(b"s", b"").decode("utf-8", "replace")
-            if session not in self._session_keys:
-                continue  # not tailed here (most activity, with many API processes)
-            model = fields.get(b"m", b"").decode("utf-8", "replace")
-            if not is_safe_id(model):
+    async def _keepalive(self) -> None:
+        """PING the subscription now and then (with any UNSUBSCRIBE due)."""
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            if not (self._live and self._subscriber.connected):
                 continue
-            key = self._keys.stream(session, model).encode()
-            if key not in self._stream_owner:
-                self._add_stream(session, model, b"0-0")  # a new stream: all of it is news
-            keys.append(key)
-        return keys
+            commands = [pack("PING")]
+            if self._unsubscribe:
+                commands.insert(0, pack("UNSUBSCRIBE", *self._unsubscribe))
+                self._unsubscribe.clear()
+            with contextlib.suppress(RedisError, OSError):  # the reader's read fails too
+                await self._subscriber.send(commands)
 
-    def _take_backlog(self) -> list[bytes]:
-        backlog, self._backlog = list(self._backlog), {}
-        return backlog
+    def _lost(self) -> None:
+        """The subscription is gone: waiters move on to the next subscribing."""
+        self.connected = False
+        self._live = False
+        for waiters in self._pongs.values():
+            self._deferred.extend(waiter for waiter in waiters if not waiter.done())
+        self._pongs.clear()
+
+    def _on_message(self, channel: bytes, payload: bytes) -> list[bytes]:
+        """Deliver an append from its message if it continues the stream; else the keys to read.
+
+        The message (see the producer's script) is five lines: model, `prev`, the indexes of
+        the written entries in the entries argument, their ids, and the entries argument.
+        """
+        session = channel[len(self._channel_prefix) :].decode("utf-8", "replace")
+        if session not in self._session_keys:
+            return []  # untracked; its UNSUBSCRIBE is on its way
+        try:
+            model_raw, prev_raw, indexes_raw, ids_raw, entries_raw = payload.split(b"\n", 4)
+            model = model_raw.decode()
+            ids = ids_raw.split(b" ")
+            indexes = [int(index) for index in indexes_raw.split(b" ")]
+            prev = parse_entry_id(prev_raw)
+            last = parse_entry_id(ids[-1])
+            if not is_safe_id(model) or len(indexes) != len(ids) or min(indexes) < 1:
+                raise ValueError("not the append script's message")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._malformed(session, exc)
+        key = self._keys.stream(session, model).encode()
+        if key not in self._stream_owner:
+            # New to this reader: while the session's tracking is under way its catch-up covers
+            # what came before this message; once tracked, a new stream is read from its start.
+            self._add_stream(session, model, b"0-0" if session in self._ready else prev_raw)
+        position = parse_entry_id(self._positions[key])
+        if prev > position:
+            return [key]  # entries between the position and this append: read the stream
+        if last <= position:
+            return []
+        try:
+            entries = _decode_entries(entries_raw)
+            picked = [entries[index - 1] for index in indexes]
+        except (msgspec.DecodeError, IndexError) as exc:
+            return self._malformed(session, exc)
+        batch: list[tuple[EntryId, StreamEvent]] = []
+        for raw_id, entry in zip(ids, picked, strict=True):
+            entry_id = parse_entry_id(raw_id)
+            if entry_id <= position:
+                continue
+            try:
+                batch.append((entry_id, _event(entry)))
+            except MalformedEntry as exc:
+                self._skip_entry(model, raw_id, exc)
+        self._positions[key] = ids[-1]
+        if batch:
+            self._deliver(session, model, batch)
+        return []
+
+    def _malformed(self, session: str, exc: Exception) -> list[bytes]:
+        """An unreadable message: count it, and read the session's streams instead."""
+        self.malformed += 1
+        metrics.MALFORMED_ENTRIES.labels("fanout").inc()
+        log.warning("malformed_message_skipped", session_id=session, error=str(exc))
+        return list(self._session_keys[session])
 
     async def _resync(self) -> None:
-        """Re-read every tailed stream from its position; then follow the activity from now."""
-        (last,) = await self._call(pack("XREVRANGE", self._activity, "+", "-", "COUNT", 1))
-        position = last[0][0] if last else b"0-0"
+        """Re-read every tailed stream from its position."""
         keys = list(self._positions)
         for start in range(0, len(keys), _RESYNC_KEYS):
             await self._read_streams(keys[start : start + _RESYNC_KEYS])
-        self._activity_position = position
 
     async def _read_streams(self, keys: Iterable[bytes]) -> None:
         """Deliver everything after the positions of `keys`, however many reads it takes."""
         pending = self._tailed(keys)
         while pending:
-            (reply,) = await self._call(self._streams_command(pending))
+            (reply,) = await self._reader.call(self._streams_command(pending))
             pending = self._tailed(self._on_streams(reply))
-
-    def _activity_command(self) -> bytes:
-        assert self._activity_position is not None
-        return self._activity_read + bulk(self._activity_position)
 
     def _tailed(self, keys: Iterable[bytes]) -> list[bytes]:
         """`keys` still tailed, each once."""
@@ -236,36 +321,46 @@ class FanoutReader:
         for key, entries in reply or ():
             if key not in self._positions or not entries:
                 continue  # untracked while the read was in flight
-            self._positions[key] = entries[-1][0]
+            position = parse_entry_id(self._positions[key])
+            if parse_entry_id(entries[-1][0]) > position:
+                self._positions[key] = entries[-1][0]
             session, model = self._stream_owner[key]
-            self._on_stream(session, model, entries)
+            self._on_stream(session, model, entries, position)
             if len(entries) >= self._count:
                 full.append(key)
         return full
 
-    async def _call(self, command: bytes) -> list[Any]:
-        replies = await self._reader.call(command)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        return replies
-
-    def _on_stream(self, session: str, model: str, entries: list[list[Any]]) -> None:
+    def _on_stream(
+        self, session: str, model: str, entries: list[list[Any]], position: EntryId
+    ) -> None:
         batch: list[tuple[EntryId, StreamEvent]] = []
-        for entry_id, flat in entries:
+        for raw_id, flat in entries:
+            entry_id = parse_entry_id(raw_id)
+            if entry_id <= position:
+                continue  # delivered from a message while this read was in flight
             try:
-                batch.append((parse_entry_id(entry_id), from_fields(_pairs(flat))))
+                batch.append((entry_id, from_fields(_pairs(flat))))
             except MalformedEntry as exc:
-                self.malformed += 1
-                metrics.MALFORMED_ENTRIES.labels("fanout").inc()
-                log.warning("malformed_entry_skipped", model=model, entry=entry_id, error=str(exc))
+                self._skip_entry(model, raw_id, exc)
         if batch:
             self._deliver(session, model, batch)
+
+    def _skip_entry(self, model: str, entry_id: bytes, exc: MalformedEntry) -> None:
+        self.malformed += 1
+        metrics.MALFORMED_ENTRIES.labels("fanout").inc()
+        log.warning("malformed_entry_skipped", model=model, entry=entry_id, error=str(exc))
 
     def _add_stream(self, session: str, model: str, position: bytes) -> None:
         key = self._keys.stream(session, model).encode()
         self._positions.setdefault(key, position)
         self._stream_owner[key] = (session, model)
         self._session_keys[session].add(key)
+
+    def _channel(self, session: str) -> bytes:
+        return self._channel_prefix + session.encode()
+
+    def _token(self) -> bytes:
+        return b"%d" % next(self._tokens)
 
 
 def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
@@ -274,3 +369,11 @@ def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
         return {}
     it = iter(flat)
     return dict(zip(it, it, strict=False))
+
+
+def _event(entry: list[Any]) -> StreamEvent:
+    """An entry of the append script's argument: `[seq, is_token, field, value, ...]`."""
+    if not all(isinstance(part, str) for part in entry[2:]):
+        raise MalformedEntry("entry fields are not all strings")
+    it = (part.encode() for part in entry[2:])
+    return from_fields(dict(zip(it, it, strict=False)))

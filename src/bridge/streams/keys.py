@@ -43,8 +43,6 @@ class Keys:
         self.dead_letters = f"{prefix}requests:dead"
         self.secret = f"{prefix}secret"
         self.cancel_channel = f"{prefix}cancel"
-        # one entry (session, model) per append: what the fan-out readers block on
-        self.activity = f"{prefix}activity"
         # worker heartbeats: a sorted set of worker names scored by when their beat expires
         self.workers = f"{prefix}workers"
         self.worker_group = WORKER_GROUP
@@ -57,6 +55,10 @@ class Keys:
         """Split a token-stream key into (session, model)."""
         session, _, model = key[len(self._stream_prefix) :].rpartition(":")
         return session, model
+
+    def live_channel(self, session: str) -> str:
+        """Pub/sub channel on which every append to the session's streams is published."""
+        return f"{self.prefix}live:{session}"
 
     def session_index(self, session: str) -> str:
         """Stream of the session's generation starts: which models it has, and when they began."""

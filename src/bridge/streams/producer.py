@@ -39,11 +39,11 @@ log = structlog.get_logger("bridge.producer")
 _encode = msgspec.json.Encoder().encode
 
 APPEND_SCRIPT = """
--- KEYS: stream, generation hash, usage hash, activity stream
+-- KEYS: stream, generation hash, usage hash
 -- ARGV: epoch, maxlen, ttl, model, final status ("" if none), session token limit
 --       (0: none), entries as one JSON array of [seq, is_token, field, value, ...]
 --       (one argument instead of a dozen per entry: packing arguments was the client's
---       largest cost per token), session, activity maxlen
+--       largest cost per token), the session's live channel
 -- Returns {last stored seq, 1 if the session token limit stopped the batch else 0}.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
@@ -64,8 +64,10 @@ local used = 0
 if limit > 0 then used = tonumber(redis.call('HGET', KEYS[3], '*') or '0') end
 local tokens = 0
 local limited = 0
-local written = false
-for _, entry in ipairs(cjson.decode(ARGV[7])) do
+local prev = nil
+local indexes = {}
+local ids = {}
+for i, entry in ipairs(cjson.decode(ARGV[7])) do
   local seq = entry[1]
   local is_token = entry[2] == 1
   if seq > last_seq then
@@ -73,18 +75,25 @@ for _, entry in ipairs(cjson.decode(ARGV[7])) do
       limited = 1
       break
     end
+    if prev == nil then
+      local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+      prev = newest and newest[1] or '0-0'
+    end
     local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
     for j = 3, #entry do args[#args + 1] = entry[j] end
     local id = redis.call(unpack(args))
     if last_seq == 0 then redis.call('HSET', KEYS[2], 'first', id) end
     last_seq = seq
-    written = true
+    indexes[#indexes + 1] = i
+    ids[#ids + 1] = id
     if is_token then tokens = tokens + 1 end
   end
 end
-if written then
-  -- tells the fan-out readers which stream has news (see streams/fanout.py)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 's', ARGV[8], 'm', ARGV[4])
+if prev ~= nil then
+  -- what the fan-out readers deliver from (see streams/fanout.py): model, the stream's
+  -- last id before this append, which entries of ARGV[7] were written, their ids, ARGV[7]
+  redis.call('PUBLISH', ARGV[8], ARGV[4] .. '\\n' .. prev .. '\\n' .. table.concat(indexes, ' ')
+    .. '\\n' .. table.concat(ids, ' ') .. '\\n' .. ARGV[7])
 end
 redis.call('HSET', KEYS[2], 'seq', last_seq)
 if tokens > 0 then
@@ -100,11 +109,6 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {last_seq, limited}
 """
-
-#: Entries kept in the activity stream. A fan-out reader that falls this far behind (a long
-#: pause) may have missed some: it notices (its read comes back full) and re-reads every
-#: stream it tails, so nothing is lost either way.
-ACTIVITY_MAXLEN = 50_000
 
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -159,14 +163,12 @@ class StreamProducer:
             final,
             limit,
             _encode(entries),
-            session,
-            ACTIVITY_MAXLEN,
+            self._keys.live_channel(session),
         ]
         keys = [
             self._keys.stream(session, model),
             self._keys.generation(request_id),
             self._keys.usage(session),
-            self._keys.activity,
         ]
         try:
             last_seq, limited = await self._script(keys=keys, args=args)

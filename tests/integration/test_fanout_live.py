@@ -1,8 +1,9 @@
-"""The fan-out reader blocks on the activity stream alone and reads only the streams it names.
+"""The fan-out reader delivers appends from their pub/sub messages, and reads a stream only
+when a message shows a gap.
 
 Real appends (the producer's script) against the test Redis: delivery, a model stream that
-appears after tracking, activity of sessions not tailed here, and recovery when
-announcements may have been lost (the reader fell a full read behind).
+appears after tracking, sessions not tailed here, entries written without a message, a lost
+connection, a session untracked and tracked again, and unreadable messages.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class Harness:
             settings.redis_url, settings, socket_timeout=block_ms / 1000 + 10
         )
         self.reader = FanoutReader(
-            RawConnection(self.blocking, name="XREAD", timed=False),
+            RawConnection(self.blocking, name="SUBSCRIBE", timed=False),
+            RawConnection(redis, name="XREAD"),
             redis,
             self.keys,
             lambda s, m, batch: self.delivered.append((s, m, batch)),
-            block_ms=block_ms,
+            keepalive_s=block_ms / 1000,
             count=count,
         )
 
@@ -89,7 +91,7 @@ async def harness(redis: aioredis.Redis, settings: Settings) -> AsyncIterator[Ha
 async def test_appends_to_a_tracked_session_are_delivered_in_order(harness: Harness) -> None:
     await harness.start_generation("s1", "mock", "r1")
     await harness.reader.track("s1")
-    for start in range(1, 30, 3):  # ten appends: more than one activity read's worth
+    for start in range(1, 30, 3):  # ten appends
         await harness.append("s1", "mock", "r1", range(start, start + 3))
 
     async def all_there() -> bool:
@@ -115,7 +117,7 @@ async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
     assert harness.reader.models("s2") == {"other"}
 
 
-async def test_activity_of_sessions_not_tailed_here_is_ignored(harness: Harness) -> None:
+async def test_appends_of_sessions_not_tailed_here_are_not_delivered(harness: Harness) -> None:
     await harness.start_generation("mine", "mock", "r3")
     await harness.start_generation("theirs", "mock", "r4")
     await harness.reader.track("mine")
@@ -129,39 +131,104 @@ async def test_activity_of_sessions_not_tailed_here_is_ignored(harness: Harness)
     assert {s for s, _, _ in harness.delivered} == {"mine"}
 
 
-async def test_announcements_lost_to_trimming_are_recovered_by_a_full_re_read(
+async def test_entries_written_without_a_message_are_read_at_the_next_one(
     harness: Harness,
 ) -> None:
-    """Entries whose announcement is gone (as when the activity stream was trimmed past a
-    slow reader) still arrive: a full activity read (count=4 here) makes the reader re-read
-    every stream it tails."""
+    """An entry the script did not write (so no message named it) comes before the next
+    append's own entries: that message's `prev` is past the reader's position, so the reader
+    reads the stream from its position."""
     await harness.start_generation("quiet", "mock", "r5")
     await harness.reader.track("quiet")
     stream = harness.keys.stream("quiet", "mock")
     fields = {"t": "token", "r": "r5", "s": "1", "ts": "1", "c": "unannounced "}
-    await harness.redis.xadd(stream, fields)  # written with no activity entry
-    async with harness.redis.pipeline(transaction=True) as burst:  # one full read's worth
-        for i in range(4):
-            burst.xadd(harness.keys.activity, {"s": f"elsewhere{i}", "m": "mock"})
-        await burst.execute()
+    await harness.redis.xadd(stream, fields)  # written with no message
+    await harness.append("quiet", "mock", "r5", range(2, 4))
 
     async def recovered() -> bool:
-        return harness.contents("quiet", "mock") == ["unannounced "]
+        return len(harness.contents("quiet", "mock")) == 3
 
-    await wait_until(recovered, 10, "the unannounced entry")
+    await wait_until(recovered, 10, "the unannounced entry and the append after it")
+    assert harness.contents("quiet", "mock") == ["unannounced ", "t2 ", "t3 "]
+
+
+async def test_unreadable_messages_make_the_reader_read_the_session_s_streams(
+    harness: Harness,
+) -> None:
+    """A message that is not the script's (any process may PUBLISH) is counted and skipped;
+    the reader reads the session's streams instead, and keeps running."""
+    await harness.start_generation("odd", "mock", "r8")
+    await harness.reader.track("odd")
+    stream = harness.keys.stream("odd", "mock")
+    await harness.redis.xadd(stream, {"t": "token", "r": "r8", "s": "1", "ts": "1", "c": "x "})
+    channel = harness.keys.live_channel("odd")
+    far = f"{2**62}-0"  # past every real id: taken as a position, it would hide what follows
+    fake = '[[9,1,"t","token","r","r8","s","9","ts","1","c","fake "]]'
+    for hostile in (
+        b"",
+        b"mock",
+        b"a:b\n0-0\n1\n1-1\n[]",
+        b"mock\n0-0\n5\n9-9\n[[1]]",
+        f"mock\n0-0\n0\n{far}\n{fake}".encode(),  # entry index 0: not one of the script's
+        b"\xff",
+    ):
+        await harness.redis.publish(channel, hostile)
+
+    async def read() -> bool:
+        return harness.contents("odd", "mock") == ["x "]
+
+    await wait_until(read, 10, "the entry, read from the stream")
+
+    async def all_counted() -> bool:  # the one naming ids before the position is not read
+        return harness.reader.malformed == 5
+
+    await wait_until(all_counted, 10, "five unreadable messages")
+    await harness.append("odd", "mock", "r8", range(2, 3))
+
+    async def next_one() -> bool:
+        return harness.contents("odd", "mock") == ["x ", "t2 "]
+
+    await wait_until(next_one, 10, "the next append, from its message")
+
+
+async def test_a_session_tracked_again_after_untracking_keeps_its_subscription(
+    harness: Harness,
+) -> None:
+    """Untracking queues an UNSUBSCRIBE for the next keepalive; tracking the session again
+    before or after it went out leaves the session subscribed."""
+    await harness.start_generation("back", "mock", "r9")
+    await harness.reader.track("back")
+    harness.reader.untrack("back")
+    await harness.reader.track("back")  # before the keepalive: the UNSUBSCRIBE is dropped
+    await asyncio.sleep(0.5)  # keepalives (every 0.2 s here) go out
+    await harness.append("back", "mock", "r9", range(1, 3))
+
+    async def first() -> bool:
+        return len(harness.contents("back", "mock")) == 2
+
+    await wait_until(first, 10, "tokens after tracking again")
+    harness.reader.untrack("back")
+    await asyncio.sleep(0.5)  # the UNSUBSCRIBE goes out
+    await harness.reader.track("back")
+    await harness.append("back", "mock", "r9", range(3, 5))
+
+    async def second() -> bool:
+        return len(harness.contents("back", "mock")) == 4
+
+    await wait_until(second, 10, "tokens after the UNSUBSCRIBE and tracking again")
+    assert harness.contents("back", "mock") == [f"t{seq} " for seq in range(1, 5)]
 
 
 async def test_a_redis_error_makes_the_reader_re_read_everything(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
-    """After its connection fails, the reader re-reads every tailed stream: entries written
-    while it was away arrive even though their announcements came before it was back."""
+    """After its connection fails, the reader subscribes again and re-reads every tailed
+    stream: entries written while it was away arrive though their messages went nowhere."""
     h = Harness(redis, settings, count=100)
     await h.start_generation("gap", "mock", "r6")
-    await h.reader.track("gap")
     task = asyncio.create_task(h.reader.run())
     try:
         await wait_until(h.reading, 10, "the reader's first read")
+        await h.reader.track("gap")
         await h.blocking.connection_pool.disconnect()  # the reader's read fails
         await h.append("gap", "mock", "r6", range(1, 6))
 
@@ -176,28 +243,27 @@ async def test_a_redis_error_makes_the_reader_re_read_everything(
         await h.blocking.aclose()
 
 
-async def test_an_append_larger_than_one_read_arrives_without_waiting_for_more_activity(
+async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
-    """Ten entries announced once, read four at a time: the rest follow at once, not when
-    the next announcement (or the 30 s block timeout) happens to come."""
+    """Ten entries written without messages, read four at a time here: the next append's
+    message makes the reader read them all at once, not at the 30 s keepalive."""
     h = Harness(redis, settings, count=4, block_ms=30_000)
     await h.start_generation("big", "mock", "r7")
-    await h.reader.track("big")
     task = asyncio.create_task(h.reader.run())
     try:
-        await h.append("big", "mock", "r7", range(1, 3))  # a first wake-up: the reader is up
-
-        async def started() -> bool:
-            return len(h.contents("big", "mock")) == 2
-
-        await wait_until(started, 10, "the first tokens")
-        await h.append("big", "mock", "r7", range(3, 13))
+        await wait_until(h.reading, 10, "the reader's first read")
+        await h.reader.track("big")
+        stream = h.keys.stream("big", "mock")
+        for seq in range(1, 11):
+            fields = {"t": "token", "r": "r7", "s": str(seq), "ts": "1", "c": f"t{seq} "}
+            await h.redis.xadd(stream, fields)  # type: ignore[arg-type]
+        await h.append("big", "mock", "r7", range(11, 13))
 
         async def all_there() -> bool:
             return len(h.contents("big", "mock")) == 12
 
-        await wait_until(all_there, 5, "the whole append")
+        await wait_until(all_there, 5, "the gap and the append")
         assert h.contents("big", "mock") == [f"t{seq} " for seq in range(1, 13)]
     finally:
         task.cancel()
