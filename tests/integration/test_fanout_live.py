@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.redis_raw import RawConnection
 from bridge.redis_select import make_client
@@ -268,4 +269,53 @@ async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await h.blocking.aclose()
+
+
+async def test_a_session_tracked_while_the_reader_is_away_is_subscribed_when_it_is_back(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    """With no subscription (the reader not started, or reconnecting), tracking waits for the
+    reader's next subscribing, which includes the session; its appends then arrive."""
+    h = Harness(redis, settings, count=100)
+    await h.start_generation("late", "mock", "r10")
+    tracking = asyncio.create_task(h.reader.track("late"))
+    await asyncio.sleep(0.3)
+    assert not tracking.done()  # nothing subscribed it yet
+    task = asyncio.create_task(h.reader.run())
+    try:
+        await asyncio.wait_for(tracking, 10)
+        assert h.reader.models("late") == {"mock"}
+        await h.append("late", "mock", "r10", range(1, 3))
+
+        async def arrived() -> bool:
+            return len(h.contents("late", "mock")) == 2
+
+        await wait_until(arrived, 10, "the tokens of the session tracked early")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await h.blocking.aclose()
+
+
+async def test_tracking_fails_in_time_when_no_subscription_can_be_made(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    """No reader to confirm a subscription (Redis away): tracking raises a Redis timeout
+    after `timeout_s` (the SSE route answers `reconnect`) and leaves nothing tracked."""
+    h = Harness(redis, settings, count=100)
+    h.reader = FanoutReader(
+        RawConnection(h.blocking, name="SUBSCRIBE", timed=False),
+        RawConnection(redis, name="XREAD"),
+        redis,
+        h.keys,
+        lambda s, m, batch: None,
+        timeout_s=0.3,
+    )
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await h.reader.track("never")
+        assert h.reader.tracked_sessions == 0
+        assert h.reader.models("never") is None
+    finally:
         await h.blocking.aclose()
