@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -56,6 +57,28 @@ async def test_a_timeout_disconnects_so_no_stale_reply_is_read_later(
     await redis.rpush(key, "late")  # would answer the abandoned BLPOP on the old connection
     assert await raw.call(pack("LLEN", key)) == [1]
     assert await raw.call(pack("PING")) == [b"PONG"]
+
+
+async def test_each_call_and_read_gets_its_own_deadline(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """One watchdog timer serves the connection's calls: a short deadline after a long one
+    still fires in time, a read times out like a call, and a call outliving an earlier
+    call's deadline is left alone (the watchdog moves on to the call under way)."""
+    raw = RawConnection(redis, name="TEST")
+    key = f"{key_prefix}list"
+    assert await raw.call(pack("PING"), timeout_s=0.3) == [b"PONG"]  # armed at +0.3 s
+    assert await raw.call(pack("BLPOP", key, "0.6"), timeout_s=5) == [None]  # runs past it
+    assert await raw.call(pack("PING"), timeout_s=30) == [b"PONG"]  # armed at +30 s
+    started = time.monotonic()
+    with pytest.raises(RedisTimeoutError):
+        await raw.call(pack("BLPOP", key, 5), timeout_s=0.2)
+    assert time.monotonic() - started < 4  # its own 0.2 s, not the 30 s armed before
+    await raw.send(pack("BLPOP", key, 5))
+    with pytest.raises(RedisTimeoutError):
+        await raw.read(timeout_s=0.2)
+    await redis.rpush(key, "late")  # would answer an abandoned BLPOP
+    assert await raw.call(pack("LLEN", key)) == [1]
 
 
 async def test_cancellation_mid_call_leaves_the_connection_clean(
