@@ -84,3 +84,24 @@ def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
     assert [row[0].strip() for row in rows] == ["one at a time", "bursts of 3"]
     assert all(float(row[1]) > 0 for row in rows)  # a token came after every reconnect
     assert all(int(row[3]) >= 0 for row in rows)  # CPU is read in 10 ms ticks: may be 0 here
+
+
+def test_writer_cost_smoke_run_reports_every_write() -> None:
+    """`python -m bench.writer_cost` runs (a few streams) and every token reached every one:
+    each stream writes its start, the first comment, one write per token and its end."""
+    done = run_module(
+        "bench.writer_cost",
+        "--sessions",
+        "2",
+        "--connections",
+        "3",
+        "--tokens",
+        "5",
+        "--rounds",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr
+    [row] = table_rows(done.stdout)
+    assert row[0].strip() == "2 x 3"
+    assert int(row[2]) == 2 * 3 * (2 + 5 + 1)
+    assert float(row[3]) > 0
