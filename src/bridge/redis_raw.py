@@ -1,11 +1,11 @@
 """A dedicated Redis connection for the hot paths, with commands packed by hand.
 
 The fan-out reader's subscription and the producer's batched `EVALSHA` run once per token or
-so.
-Through redis-py's client, each call paid for a pool checkout, a task for its write timeout,
-argument packing one value at a time and reply callbacks: a fifth of the API process and a
-quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its command once
-(`pack`, or cached parts of it) and the connection only writes bytes and reads raw replies.
+so. Through redis-py's client, each call paid for a pool checkout, a task for its write
+timeout, argument packing one value at a time and reply callbacks: a fifth of the API process
+and a quarter of the worker under load (py-spy, bench S1/S2). Here a caller packs its command
+once (`pack`, or cached parts of it) and the connection only writes bytes and reads raw
+replies.
 
 The connection is one of the client's pool, checked out for good, so the URL, TLS,
 authentication, database and connect timeout are the client's, and closing the client closes

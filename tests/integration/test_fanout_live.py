@@ -9,6 +9,7 @@ connection, a session untracked and tracked again, and unreadable messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -75,18 +76,37 @@ class Harness:
     async def reading(self) -> bool:
         return self.reader.connected
 
+    async def wait_for(self, session: str, model: str, count: int, what: str) -> list[str]:
+        """Wait until `count` entries of the stream were delivered; their contents."""
+
+        async def arrived() -> bool:
+            return len(self.contents(session, model)) >= count
+
+        await wait_until(arrived, 10, what)
+        return self.contents(session, model)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The reader running (once it has read), then stopped, and its connection closed."""
+        task = asyncio.create_task(self.reader.run())
+        try:
+            await wait_until(self.reading, 10, "the reader's first read")
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self.blocking.aclose()
+
 
 @pytest.fixture
 async def harness(redis: aioredis.Redis, settings: Settings) -> AsyncIterator[Harness]:
     h = Harness(redis, settings, count=4)
-    task = asyncio.create_task(h.reader.run())
-    try:
-        await wait_until(h.reading, 10, "the reader's first read")
+    async with h.running():
         yield h
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await h.blocking.aclose()
+
+
+def texts(seqs: range) -> list[str]:
+    return [f"t{seq} " for seq in seqs]
 
 
 async def test_appends_to_a_tracked_session_are_delivered_in_order(harness: Harness) -> None:
@@ -94,12 +114,7 @@ async def test_appends_to_a_tracked_session_are_delivered_in_order(harness: Harn
     await harness.reader.track("s1")
     for start in range(1, 30, 3):  # ten appends
         await harness.append("s1", "mock", "r1", range(start, start + 3))
-
-    async def all_there() -> bool:
-        return len(harness.contents("s1", "mock")) == 30
-
-    await wait_until(all_there, 10, "thirty tokens")
-    assert harness.contents("s1", "mock") == [f"t{seq} " for seq in range(1, 31)]
+    assert await harness.wait_for("s1", "mock", 30, "thirty tokens") == texts(range(1, 31))
 
 
 async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
@@ -110,11 +125,7 @@ async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
     assert harness.reader.models("s2") == set()  # tracked, no streams yet: catch-up skips
     await harness.start_generation("s2", "other", "r2")
     await harness.append("s2", "other", "r2", range(1, 4))
-
-    async def arrived() -> bool:
-        return len(harness.contents("s2", "other")) == 3
-
-    await wait_until(arrived, 10, "the new model's tokens")
+    await harness.wait_for("s2", "other", 3, "the new model's tokens")
     assert harness.reader.models("s2") == {"other"}
 
 
@@ -124,11 +135,7 @@ async def test_appends_of_sessions_not_tailed_here_are_not_delivered(harness: Ha
     await harness.reader.track("mine")
     await harness.append("theirs", "mock", "r4", range(1, 3))
     await harness.append("mine", "mock", "r3", range(1, 3))
-
-    async def mine_arrived() -> bool:
-        return len(harness.contents("mine", "mock")) == 2
-
-    await wait_until(mine_arrived, 10, "the tailed session's tokens")
+    await harness.wait_for("mine", "mock", 2, "the tailed session's tokens")
     assert {s for s, _, _ in harness.delivered} == {"mine"}
 
 
@@ -144,12 +151,8 @@ async def test_entries_written_without_a_message_are_read_at_the_next_one(
     fields = {"t": "token", "r": "r5", "s": "1", "ts": "1", "c": "unannounced "}
     await harness.redis.xadd(stream, fields)  # written with no message
     await harness.append("quiet", "mock", "r5", range(2, 4))
-
-    async def recovered() -> bool:
-        return len(harness.contents("quiet", "mock")) == 3
-
-    await wait_until(recovered, 10, "the unannounced entry and the append after it")
-    assert harness.contents("quiet", "mock") == ["unannounced ", "t2 ", "t3 "]
+    got = await harness.wait_for("quiet", "mock", 3, "the unannounced entry and the next")
+    assert got == ["unannounced ", "t2 ", "t3 "]
 
 
 async def test_unreadable_messages_make_the_reader_read_the_session_s_streams(
@@ -173,22 +176,15 @@ async def test_unreadable_messages_make_the_reader_read_the_session_s_streams(
         b"\xff",
     ):
         await harness.redis.publish(channel, hostile)
-
-    async def read() -> bool:
-        return harness.contents("odd", "mock") == ["x "]
-
-    await wait_until(read, 10, "the entry, read from the stream")
+    assert await harness.wait_for("odd", "mock", 1, "the entry, read from the stream") == ["x "]
 
     async def all_counted() -> bool:  # the one naming ids before the position is not read
         return harness.reader.malformed == 5
 
     await wait_until(all_counted, 10, "five unreadable messages")
     await harness.append("odd", "mock", "r8", range(2, 3))
-
-    async def next_one() -> bool:
-        return harness.contents("odd", "mock") == ["x ", "t2 "]
-
-    await wait_until(next_one, 10, "the next append, from its message")
+    got = await harness.wait_for("odd", "mock", 2, "the next append, from its message")
+    assert got == ["x ", "t2 "]
 
 
 async def test_a_session_tracked_again_after_untracking_keeps_its_subscription(
@@ -202,21 +198,13 @@ async def test_a_session_tracked_again_after_untracking_keeps_its_subscription(
     await harness.reader.track("back")  # before the keepalive: the UNSUBSCRIBE is dropped
     await asyncio.sleep(0.5)  # keepalives (every 0.2 s here) go out
     await harness.append("back", "mock", "r9", range(1, 3))
-
-    async def first() -> bool:
-        return len(harness.contents("back", "mock")) == 2
-
-    await wait_until(first, 10, "tokens after tracking again")
+    await harness.wait_for("back", "mock", 2, "tokens after tracking again")
     harness.reader.untrack("back")
     await asyncio.sleep(0.5)  # the UNSUBSCRIBE goes out
     await harness.reader.track("back")
     await harness.append("back", "mock", "r9", range(3, 5))
-
-    async def second() -> bool:
-        return len(harness.contents("back", "mock")) == 4
-
-    await wait_until(second, 10, "tokens after the UNSUBSCRIBE and tracking again")
-    assert harness.contents("back", "mock") == [f"t{seq} " for seq in range(1, 5)]
+    got = await harness.wait_for("back", "mock", 4, "tokens after the UNSUBSCRIBE")
+    assert got == texts(range(1, 5))
 
 
 async def test_a_redis_error_makes_the_reader_re_read_everything(
@@ -226,22 +214,12 @@ async def test_a_redis_error_makes_the_reader_re_read_everything(
     stream: entries written while it was away arrive though their messages went nowhere."""
     h = Harness(redis, settings, count=100)
     await h.start_generation("gap", "mock", "r6")
-    task = asyncio.create_task(h.reader.run())
-    try:
-        await wait_until(h.reading, 10, "the reader's first read")
+    async with h.running():
         await h.reader.track("gap")
         await h.blocking.connection_pool.disconnect()  # the reader's read fails
         await h.append("gap", "mock", "r6", range(1, 6))
-
-        async def arrived() -> bool:
-            return len(h.contents("gap", "mock")) == 5
-
-        await wait_until(arrived, 10, "the tokens written while the reader was away")
-        assert h.contents("gap", "mock") == [f"t{seq} " for seq in range(1, 6)]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await h.blocking.aclose()
+        got = await h.wait_for("gap", "mock", 5, "the tokens written while it was away")
+        assert got == texts(range(1, 6))
 
 
 async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
@@ -251,25 +229,15 @@ async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
     message makes the reader read them all at once, not at the 30 s keepalive."""
     h = Harness(redis, settings, count=4, block_ms=30_000)
     await h.start_generation("big", "mock", "r7")
-    task = asyncio.create_task(h.reader.run())
-    try:
-        await wait_until(h.reading, 10, "the reader's first read")
+    async with h.running():
         await h.reader.track("big")
         stream = h.keys.stream("big", "mock")
         for seq in range(1, 11):
             fields = {"t": "token", "r": "r7", "s": str(seq), "ts": "1", "c": f"t{seq} "}
             await h.redis.xadd(stream, fields)  # type: ignore[arg-type]
         await h.append("big", "mock", "r7", range(11, 13))
-
-        async def all_there() -> bool:
-            return len(h.contents("big", "mock")) == 12
-
-        await wait_until(all_there, 5, "the gap and the append")
-        assert h.contents("big", "mock") == [f"t{seq} " for seq in range(1, 13)]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await h.blocking.aclose()
+        got = await h.wait_for("big", "mock", 12, "the gap and the append")
+        assert got == texts(range(1, 13))
 
 
 async def test_a_session_tracked_while_the_reader_is_away_is_subscribed_when_it_is_back(
@@ -282,20 +250,11 @@ async def test_a_session_tracked_while_the_reader_is_away_is_subscribed_when_it_
     tracking = asyncio.create_task(h.reader.track("late"))
     await asyncio.sleep(0.3)
     assert not tracking.done()  # nothing subscribed it yet
-    task = asyncio.create_task(h.reader.run())
-    try:
+    async with h.running():
         await asyncio.wait_for(tracking, 10)
         assert h.reader.models("late") == {"mock"}
         await h.append("late", "mock", "r10", range(1, 3))
-
-        async def arrived() -> bool:
-            return len(h.contents("late", "mock")) == 2
-
-        await wait_until(arrived, 10, "the tokens of the session tracked early")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await h.blocking.aclose()
+        await h.wait_for("late", "mock", 2, "the tokens of the session tracked early")
 
 
 async def test_tracking_fails_in_time_when_no_subscription_can_be_made(
