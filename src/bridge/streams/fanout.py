@@ -286,9 +286,7 @@ class FanoutReader:
 
     def _malformed(self, session: str, exc: Exception) -> list[bytes]:
         """An unreadable message: count it, and read the session's streams instead."""
-        self.malformed += 1
-        metrics.MALFORMED_ENTRIES.labels("fanout").inc()
-        log.warning("malformed_message_skipped", session_id=session, error=str(exc))
+        self._count_malformed("malformed_message_skipped", exc, session_id=session)
         return list(self._session_keys[session])
 
     async def _resync(self) -> None:
@@ -346,9 +344,12 @@ class FanoutReader:
             self._deliver(session, model, batch)
 
     def _skip_entry(self, model: str, entry_id: bytes, exc: MalformedEntry) -> None:
+        self._count_malformed("malformed_entry_skipped", exc, model=model, entry=entry_id)
+
+    def _count_malformed(self, event: str, exc: Exception, **fields: Any) -> None:
         self.malformed += 1
         metrics.MALFORMED_ENTRIES.labels("fanout").inc()
-        log.warning("malformed_entry_skipped", model=model, entry=entry_id, error=str(exc))
+        log.warning(event, error=str(exc), **fields)
 
     def _add_stream(self, session: str, model: str, position: bytes) -> None:
         key = self._keys.stream(session, model).encode()
@@ -375,5 +376,4 @@ def _event(entry: list[Any]) -> StreamEvent:
     """An entry of the append script's argument: `[seq, is_token, field, value, ...]`."""
     if not all(isinstance(part, str) for part in entry[2:]):
         raise MalformedEntry("entry fields are not all strings")
-    it = (part.encode() for part in entry[2:])
-    return from_fields(dict(zip(it, it, strict=False)))
+    return from_fields(_pairs([part.encode() for part in entry[2:]]))
