@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.sse_client import SSEEvent, SSEParser
+from bridge.streams.keys import Keys
 from tests.faults import Fleet, RssSampler, fleet, new_session, upstream_process, wait_until
 from tests.servers import bridge_env, open_stream, start_chat, tokens
 
@@ -24,8 +25,10 @@ TOKENS = 10_000
 TOKEN_CHARS = 2048  # 10,000 tokens of 2 KiB: ~20 MiB of text flows past the stuck client
 QUEUE = 256
 STUCK_CLIENTS = 3
+BACKLOG = 3000  # entries in the stream when the stuck clients join: their catch-up is paged
 # Measured on the reference machine: ~5 MiB of growth with the bound; with the queue made
-# effectively unbounded (QUEUE = 1_000_000) the same run grows by ~140 MiB and fails.
+# effectively unbounded (QUEUE = 1_000_000) the same run grows by ~140 MiB and fails, and with
+# catch-up pages of 500 entries whatever their size, by ~30 MiB.
 MAX_GROWTH_MB = 20
 
 
@@ -85,9 +88,11 @@ def _unchunk(body: bytes) -> bytes:
 async def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory_and_resumes(
     processes: Fleet, redis: aioredis.Redis, key_prefix: str
 ) -> None:
-    """Stuck clients while 10,000 large tokens flow: the API process's memory grows by far less
-    than the data, each stuck connection is closed for overflowing its queue, and a reconnect
-    with its Last-Event-ID gets the rest: every token exactly once."""
+    """Stuck clients join while 10,000 large tokens flow, a backlog of thousands already in the
+    stream: the API process's memory grows by far less than the data (the catch-up's pages are
+    bounded in bytes, the live queue in entries), each stuck connection is closed for
+    overflowing its queue, and a reconnect with its Last-Event-ID gets the rest: every token
+    exactly once."""
     server, worker = processes.serve(), processes.worker()
     await processes.ready(worker, server)
     with contextlib.ExitStack() as cleanup:
@@ -95,6 +100,8 @@ async def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory_and_re
             with RssSampler(server.proc.pid) as memory:
                 started = await start_chat(http, new_session(), "big")
                 url = server.base_url + started["streamUrl"]
+                stream = Keys(key_prefix).stream(started["sessionId"], "big")
+                await wait_until(lambda: backlog(redis, stream, BACKLOG), 60, "a backlog")
                 stuck = [await open_stuck(url) for _ in range(STUCK_CLIENTS)]
                 for _, writer in stuck:
                     cleanup.callback(writer.close)
@@ -113,6 +120,10 @@ async def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory_and_re
         for reader, _ in stuck:
             await check_resume(reader, url, expected)
     print(f"RSS growth of the API process: {memory.growth_mb:.1f} MiB")
+
+
+async def backlog(redis: aioredis.Redis, stream: str, entries: int) -> bool:
+    return await redis.xlen(stream) >= entries
 
 
 async def finished(redis: aioredis.Redis, generation: str) -> bool:

@@ -219,6 +219,31 @@ async def test_writer_batches_tokens_and_finish_waits_for_all(
     assert await _usage(redis, keys) == n
 
 
+async def test_an_append_holds_about_256_kib_of_content_however_fast_tokens_come(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, generation: str
+) -> None:
+    """Large tokens queued during a round trip are split across appends of about 256 KiB (the
+    script call, its published message and every reader's decoding stay bounded), in order."""
+    producer = StreamProducer(redis, keys, settings)
+    calls: list[int] = []
+    original = producer.append
+
+    async def measuring_append(**kwargs: Any) -> Any:
+        calls.append(sum(len(event.content) for event in kwargs["events"]))
+        return await original(**kwargs)
+
+    producer.append = measuring_append  # type: ignore[method-assign]
+    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    texts = [f"{i:04d}" + "x" * 4092 for i in range(400)]  # 4 KiB each, 1.6 MiB in all
+    for text in texts:
+        await writer.token(text)
+    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    assert max(calls) <= 256 * 1024
+    assert max(calls) >= 128 * 1024  # tokens still share appends
+    stored = await _stored(redis, keys)
+    assert [e.content for _, e in stored[:-1]] == texts
+
+
 async def test_writer_continues_after_last_seq(
     redis: aioredis.Redis, keys: Keys, settings: Settings, generation: str
 ) -> None:

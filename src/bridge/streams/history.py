@@ -17,6 +17,12 @@ from bridge.streams.keys import Keys, indexed_model
 
 log = structlog.get_logger("bridge.history")
 
+# A catch-up holds a page several times over (the reply, the events, their frames) while a
+# slow client takes it: pages are bounded in bytes as well as entries, so a backlog of large
+# entries costs a reconnecting client a few hundred KiB, never megabytes.
+PAGE_BYTES = 256 * 1024
+FIRST_PAGE = 64  # entries in the first page, read before any entry's size is known
+
 
 class Gap(msgspec.Struct, frozen=True):
     """Part of a model stream the client asked for is not retained.
@@ -52,6 +58,7 @@ async def replay(
     cursor: Cursor,
     *,
     page: int = 500,
+    page_bytes: int = PAGE_BYTES,
     known_models: Callable[[str], set[str] | None] | None = None,
     stats: HistoryStats | None = None,
 ) -> AsyncIterator[list[Envelope] | Gap]:
@@ -62,6 +69,7 @@ async def replay(
     stream it has not seen yet is delivered live from its first entry, so the catch-up need
     not read the index again (one round trip less per connection, a new session's included).
     Entries that do not decode are skipped with a log line and counted in `stats`.
+    A page holds at most `page` entries, and about `page_bytes` once entries were seen.
     """
     stats = stats or HistoryStats()
     known = known_models(session) if known_models is not None else None
@@ -71,11 +79,12 @@ async def replay(
     if not models:
         return
     # One round trip for what each stream retains and its first page after the cursor.
+    first = min(page, FIRST_PAGE)
     streams = [keys.stream(session, model) for model in models]
     async with redis.pipeline(transaction=False) as pipe:
         for model, key in zip(models, streams, strict=True):
             pipe.xinfo_stream(key)
-            pipe.xrange(key, min=_start(cursor.get(model)), max="+", count=page)
+            pipe.xrange(key, min=_start(cursor.get(model)), max="+", count=first)
         replies = await pipe.execute(raise_on_error=False)
     for index, (model, key) in enumerate(zip(models, streams, strict=True)):
         info, first_page = replies[2 * index], replies[2 * index + 1]
@@ -91,7 +100,8 @@ async def replay(
                 after, first_page = None, None  # the page was read after a foreign cursor
         if isinstance(first_page, Exception):
             raise first_page
-        async for batch in _pages(redis, key, model, after, page, stats, first_page):
+        pages = _Pages(first, page, page_bytes)
+        async for batch in _pages(redis, key, model, after, pages, stats, first_page):
             yield batch
 
 
@@ -118,12 +128,32 @@ def _start(after: EntryId | None) -> str:
     return f"({format_entry_id(after)}" if after is not None else "-"
 
 
+class _Pages:
+    """How many entries the next page asks for: as many as fit `page_bytes` at the size of
+    the last page's entries, between 1 and `most`."""
+
+    def __init__(self, first: int, most: int, page_bytes: int) -> None:
+        self.count = first
+        self._most = most
+        self._page_bytes = page_bytes
+
+    def read(self, entries: list[Any]) -> bool:
+        """Size the next page after `entries` (read with `count`); False if it was the last."""
+        if len(entries) < self.count:
+            return False
+        size = sum(
+            len(name) + len(value) for _, fields in entries for name, value in fields.items()
+        )
+        self.count = max(1, min(self._most, self._page_bytes * len(entries) // max(1, size)))
+        return True
+
+
 async def _pages(
     redis: Redis,
     key: str,
     model: str,
     after: EntryId | None,
-    page: int,
+    pages: _Pages,
     stats: HistoryStats,
     entries: Any = None,
 ) -> AsyncIterator[list[Envelope]]:
@@ -131,7 +161,7 @@ async def _pages(
     start = _start(after)
     while True:
         if entries is None:
-            entries = await redis.xrange(key, min=start, max="+", count=page)
+            entries = await redis.xrange(key, min=start, max="+", count=pages.count)
         if not entries:
             return
         batch: list[Envelope] = []
@@ -144,7 +174,7 @@ async def _pages(
                 log.warning("malformed_entry_skipped", model=model, entry=raw_id, error=str(exc))
         if batch:
             yield batch
-        if len(entries) < page:
+        if not pages.read(entries):
             return
         start = "(" + entries[-1][0].decode()
         entries = None

@@ -193,6 +193,9 @@ class GenerationWriter:
     """
 
     _MAX_PENDING = 512  # past this, token() waits for the append in flight
+    # An append's content at most (unless one event is larger): it bounds the script call,
+    # the message published for it, and what every API process tailing it decodes at once.
+    _MAX_BATCH_BYTES = 256 * 1024
 
     def __init__(
         self,
@@ -271,7 +274,7 @@ class GenerationWriter:
 
     async def _flush(self) -> None:
         while self._pending:
-            batch = list(self._pending)
+            batch = self._next_batch()
             stored = await self._append(batch)
             if stored.limited:
                 self._pending.clear()
@@ -280,6 +283,15 @@ class GenerationWriter:
                     "session_limit", "the session reached its token limit; the answer is cut"
                 )
             del self._pending[: len(batch)]
+
+    def _next_batch(self) -> list[StreamEvent]:
+        """The pending events within `_MAX_BATCH_BYTES` of content (or the first alone)."""
+        size = 0
+        for count, event in enumerate(self._pending):
+            size += len(event.content)
+            if size > self._MAX_BATCH_BYTES and count:
+                return self._pending[:count]
+        return list(self._pending)
 
     async def _append(self, batch: list[StreamEvent]) -> Stored:
         loop = asyncio.get_running_loop()
