@@ -75,6 +75,10 @@ class ClientStats:
     duplicates: int = 0
     out_of_order: int = 0
     first_token_us: int | None = None
+    last_token_us: int = 0
+    # the upstream's write times of the first and last token: how fast it really generated
+    first_stamp_us: int | None = None
+    last_stamp_us: int = 0
     complete: bool = False
     anomalies: list[str] = field(default_factory=list)  # gap, reconnect, error, HTTP failures
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -92,6 +96,10 @@ class ClientStats:
             self.after_append_us.append(received_us - appended_ms * 1000)
         if self.first_token_us is None:
             self.first_token_us = received_us
+        self.last_token_us = received_us
+        if self.first_stamp_us is None or stamp_us < self.first_stamp_us:
+            self.first_stamp_us = stamp_us
+        self.last_stamp_us = max(self.last_stamp_us, stamp_us)
 
     @property
     def received(self) -> int:

@@ -127,7 +127,7 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
         cpu = fig["cpu_us_per_token"]
         cpu_rows.append([
             name, cpu.get("serve"), cpu.get("worker"), cpu.get("bridge"), cpu.get("redis"),
-            cpu.get("upstream"), cpu.get("loadgen"), fig["tokens_per_s"],
+            cpu.get("upstream"), cpu.get("loadgen"), fig["tokens_per_s"], fig.get("pace"),
         ])  # fmt: skip
     if latency_rows:
         out += [
@@ -140,11 +140,16 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
              "TTFT p50", "TTFT p99", "lost", "dup", "order", "incomplete"],
             latency_rows,
         )  # fmt: skip
-        out += ["**CPU microseconds per delivered token**", ""]
+        out += [
+            "**CPU microseconds per delivered token**; pace: the rate the answers were"
+            " generated at, as a fraction of the scenario's",
+            "",
+        ]
         out += _table(
-            ["scenario", "serve", "worker", "bridge", "redis", "upstream", "loadgen", "tokens/s"],
+            ["scenario", "serve", "worker", "bridge", "redis", "upstream", "loadgen", "tokens/s",
+             "pace"],
             cpu_rows,
-        )
+        )  # fmt: skip
     if "S4" in summary and "reconnect_first_token_ms" in summary["S4"]:
         reconnect = summary["S4"]["reconnect_first_token_ms"]
         out += [f"**S4 resume**: {summary['S4'].get('reconnects')} reconnects; first token after "
@@ -152,10 +157,11 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
     for index, run in enumerate(runs.get("S3", []), 1):
         out += [f"**S3 ramp, run {index}**: capacity {run['capacity_sessions']} sessions", ""]
         out += _table(
-            ["sessions", "passed", "p50 ms", "p99 ms", "lost", "incomplete", "tokens/s",
-             "bridge us/token"],
-            [[s["sessions"], s["passed"], s["added_ms"]["p50"], s["added_ms"]["p99"], s["lost"],
-              s["incomplete"], s["tokens_per_s"], s["cpu_us_per_token"]["bridge"]]
+            ["sessions", "passed", "concurrent", "p50 ms", "p99 ms", "lost", "incomplete",
+             "tokens/s", "pace", "bridge us/token"],
+            [[s["sessions"], s["passed"], s.get("concurrent"), s["added_ms"]["p50"],
+              s["added_ms"]["p99"], s["lost"], s["incomplete"], s["tokens_per_s"], s.get("pace"),
+              s["cpu_us_per_token"]["bridge"]]
              for s in run["steps"]],
         )  # fmt: skip
     if "S5" in summary:

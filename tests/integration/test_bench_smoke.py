@@ -52,11 +52,13 @@ def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
         [run] = runs[name]
         assert (name, run["lost"], run["duplicates"], run["incomplete"]) == (name, 0, 0, 0)
         assert run["delivered"] == run["expected"]
+        assert run["pace"] > 0  # the rate the answers were generated at was measured
     assert runs["S4"][0]["reconnects"] == runs["S4"][0]["connections"]
     [ramp] = runs["S3"]
     assert ramp["steps"], ramp
     for step in ramp["steps"]:  # a step may fail on latency (a busy machine), never on loss
         assert (step["lost"], step["duplicates"], step["incomplete"]) == (0, 0, 0), step
+        assert step["pace"] > 0 and step["concurrent"] >= 1, step
     [idle] = runs["S5"]
     assert idle["alive_after_hold"] == idle["connections"]
     assert (results.parent / "summary.md").read_text().startswith("Date ")
