@@ -82,13 +82,13 @@ class GenerateStream(SSEStream):
         head = f": \nretry: {self._retry_ms}\n\n".encode()
         await _body(send, head + control_frame("task", task))
         try:
-            async for item in self._history(self._sub.cursor):
+            async for item in self.history(self.sub.cursor):
                 if isinstance(item, Gap):
                     await _body(send, gap_frame(item))
                 elif await self._send_batch(send, item):
                     return
             while True:
-                batch = await self._sub.next_batch(self._heartbeat_s)
+                batch = await self.sub.next_batch(self._heartbeat_s)
                 if not batch:
                     await _body(send, b": ping\n\n")
                 elif await self._send_batch(send, batch):
@@ -101,7 +101,7 @@ class GenerateStream(SSEStream):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_batch(self, send: Send, batch: list[Any]) -> bool:
-        chunk, token_ts = encode_batch(self._sub, batch)
+        chunk, token_ts = encode_batch(self.sub, batch)
         if chunk:
             await _body(send, chunk)
             metrics.SSE.delivered(token_ts)

@@ -8,7 +8,8 @@ the queue. Every entry passes `Subscriber.accept`, which drops what the cursor a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import msgspec
 import structlog
@@ -27,6 +28,7 @@ from .subscriber import Closed, Envelope, Subscriber
 log = structlog.get_logger("bridge.sse")
 
 History = Callable[[Cursor], AsyncIterator[list[Envelope] | Gap]]
+Write = Callable[[bytes], Awaitable[None]]
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -80,6 +82,20 @@ def encode_batch(sub: Subscriber, batch: list[Envelope]) -> tuple[bytes, list[fl
     return b"".join(out), token_ts
 
 
+async def catch_up(sub: Subscriber, history: History, write: Write) -> None:
+    """Replay what Redis retains after the subscriber's cursor, through `write`."""
+    async for item in history(sub.cursor):
+        if isinstance(item, Gap):
+            if item.reason == "reset":
+                sub.cursor.pop(item.model, None)
+            await write(gap_frame(item))
+        else:
+            chunk, token_ts = encode_batch(sub, item)
+            if chunk:
+                await write(chunk)
+                metrics.SSE.delivered(token_ts, live=False)
+
+
 class SSEStream:
     """The body of one connection's `text/event-stream`; unregisters it however it ends.
 
@@ -87,7 +103,7 @@ class SSEStream:
     `bridge.api.stream_direct` (the common case: no framework objects per connection).
     """
 
-    __slots__ = ("_deadline", "_heartbeat_s", "_history", "_manager", "_retry_ms", "_sub")
+    __slots__ = ("_deadline", "_heartbeat_s", "_manager", "_retry_ms", "history", "sub")
 
     def __init__(
         self,
@@ -98,9 +114,9 @@ class SSEStream:
         heartbeat_s: float,
         retry_ms: int,
     ) -> None:
-        self._sub = sub
+        self.sub = sub
         self._manager = manager
-        self._history = history
+        self.history = history
         self._heartbeat_s = heartbeat_s
         self._retry_ms = retry_ms
         self._deadline: asyncio.Timeout | None = None
@@ -114,23 +130,23 @@ class SSEStream:
         watcher.add_done_callback(self._on_disconnect)
         try:
             async with asyncio.timeout(None) as self._deadline:
-                self._sub.on_close = self._on_close
-                if self._sub.closed is not None:
-                    self._on_close(self._sub.closed)
+                self.sub.on_close = self._on_close
+                if self.sub.closed is not None:
+                    self._on_close(self.sub.closed)
                 await send(start)
                 await self._write(send)
         except TimeoutError:
             pass  # the client is gone, or stuck: it resumes from its cursor when it returns
         finally:
-            self._sub.on_close = None
+            self.sub.on_close = None
             self._deadline = None
             watcher.remove_done_callback(self._on_disconnect)
             watcher.cancel()
-            self._manager.disconnect(self._sub)
+            self._manager.disconnect(self.sub)
 
     def _on_disconnect(self, watcher: asyncio.Future[None]) -> None:
         if not watcher.cancelled():
-            self._sub.close(CloseReason.CLIENT_GONE)
+            self.sub.close(CloseReason.CLIENT_GONE)
 
     def _on_close(self, reason: CloseReason) -> None:
         # A client that went away needs nothing more; one that stopped reading may leave the
@@ -139,36 +155,24 @@ class SSEStream:
             grace = 0.0 if reason is CloseReason.CLIENT_GONE else _SLOW_CLIENT_GRACE_S
             self._deadline.reschedule(asyncio.get_running_loop().time() + grace)
 
-    async def _catch_up(self, send: Send) -> None:
-        async for item in self._history(self._sub.cursor):
-            if isinstance(item, Gap):
-                if item.reason == "reset":
-                    self._sub.cursor.pop(item.model, None)
-                await _body(send, gap_frame(item))
-            else:
-                chunk, token_ts = encode_batch(self._sub, item)
-                if chunk:
-                    await _body(send, chunk)
-                    metrics.SSE.delivered(token_ts, live=False)
-
     async def _write(self, send: Send) -> None:
         # Flush the headers with a first comment so proxies and browsers see the stream open.
         await _body(send, f": \nretry: {self._retry_ms}\n\n".encode())
         try:
             try:
-                await self._catch_up(send)
+                await catch_up(self.sub, self.history, partial(_body, send))
             except (RedisError, OSError) as exc:
-                log.warning("sse_catch_up_failed", connection_id=self._sub.id, error=str(exc))
-                self._sub.close(CloseReason.REDIS_UNAVAILABLE)
+                log.warning("sse_catch_up_failed", connection_id=self.sub.id, error=str(exc))
+                self.sub.close(CloseReason.REDIS_UNAVAILABLE)
             while True:
-                batch = await self._sub.next_batch(self._heartbeat_s)
-                chunk, token_ts = encode_batch(self._sub, batch) if batch else (b": ping\n\n", [])
+                batch = await self.sub.next_batch(self._heartbeat_s)
+                chunk, token_ts = encode_batch(self.sub, batch) if batch else (b": ping\n\n", [])
                 if chunk:
                     await _body(send, chunk)
                     metrics.SSE.delivered(token_ts)
         except Closed as closed:
             if closed.reason is not CloseReason.CLIENT_GONE:
-                log.info("sse_closed", connection_id=self._sub.id, reason=closed.reason.value)
+                log.info("sse_closed", connection_id=self.sub.id, reason=closed.reason.value)
                 await _body(send, control_frame("reconnect", {"reason": closed.reason.value}))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -75,6 +75,7 @@ class Subscriber:
         "last_progress",
         "on_close",
         "session",
+        "sink",
         "transport",
     )
 
@@ -94,11 +95,16 @@ class Subscriber:
         # when the writer last asked for more: a writer stuck in send() stops asking
         self.last_progress = time.monotonic()
         self.on_close: Callable[[CloseReason], None] | None = None
+        # set once a connection writes live events as they come (`connections.push`)
+        self.sink: Callable[[list[Envelope]], None] | None = None
 
     def offer(self, envelopes: list[Envelope]) -> bool:
-        """Queue live envelopes; on overflow close the subscriber. Returns False if closed."""
+        """Queue live envelopes (or hand them to the sink); on overflow close. False if closed."""
         if self.closed is not None:
             return False
+        if self.sink is not None:
+            self.sink(envelopes)
+            return self.closed is None
         if len(self._queue) + len(envelopes) > self._queue_size:
             self.close(CloseReason.SLOW_CONSUMER)
             return False
@@ -139,6 +145,12 @@ class Subscriber:
             self._heartbeat_due = False
             if not self._queue:
                 return []
+        batch = self._queue
+        self._queue = []
+        return batch
+
+    def take(self) -> list[Envelope]:
+        """Everything queued, without waiting."""
         batch = self._queue
         self._queue = []
         return batch
