@@ -20,6 +20,7 @@ their deadline), and a second SIGINT forces the exit.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 from types import FrameType
 
@@ -27,6 +28,8 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
+from bridge.api.stream_front import stream_front
+from bridge.app import BridgeApp
 from bridge.runtime import Runtime
 
 log = structlog.get_logger("bridge.serving")
@@ -57,7 +60,8 @@ class GracefulServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self._stop_requested = True
-        self._loop.call_soon_threadsafe(self._begin_stop, sig)
+        # in a context of its own: not the one of whatever the signal interrupted
+        self._loop.call_soon_threadsafe(self._begin_stop, sig, context=contextvars.Context())
 
     def _begin_stop(self, sig: int) -> None:
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
@@ -87,6 +91,8 @@ def serve_app(
     """Serve `app` until a stop signal; True if it started at all."""
     config = uvicorn.Config(
         app,
+        # live SSE streams are served in front of uvicorn's protocol (see `stream_front`)
+        http=stream_front(app) if isinstance(app, BridgeApp) else "auto",  # type: ignore[arg-type]
         host=host,
         port=port,
         log_config=None,

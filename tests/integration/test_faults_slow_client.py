@@ -39,7 +39,8 @@ def processes(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterator[Fleet
             redis_url,
             key_prefix,
             OPENAI_BASE_URL=upstream,
-            BRIDGE_MODELS=f"big=openai:big?tokens={TOKENS}&pad={TOKEN_CHARS}",
+            # paced (5 s in all), so tokens keep coming once a stuck client's socket is full
+            BRIDGE_MODELS=f"big=openai:big?tokens={TOKENS}&pad={TOKEN_CHARS}&delay_ms=0.5",
             BRIDGE_SEND_QUEUE_SIZE=str(QUEUE),
             BRIDGE_STREAM_MAXLEN=str(2 * TOKENS),  # retain the whole answer
         )

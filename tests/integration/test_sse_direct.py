@@ -19,9 +19,12 @@ import structlog
 import uvicorn
 from structlog.testing import capture_logs
 
+import bridge.api.stream_front
 import bridge.app
 from bridge.api.stream_direct import ROUTE
+from bridge.api.stream_front import stream_front
 from bridge.app import create_app
+from bridge.connections.push import PushStream
 from bridge.runtime import Runtime
 from bridge.settings import Settings
 from bridge.sse_client import SSEEvent, SSEParser
@@ -38,12 +41,19 @@ CAPTURE = [structlog.contextvars.merge_contextvars]
 
 
 class Served:
-    """A running app, and what the direct path answered (True) or declined (False)."""
+    """A running app, and what the direct path answered (True) or declined (False).
 
-    def __init__(self, base_url: str, runtime: Runtime, outcomes: list[bool]) -> None:
+    `fronted` counts the streams `stream_front` served, when it runs (they never reach the
+    ASGI app, so they are not in `outcomes`).
+    """
+
+    def __init__(
+        self, base_url: str, runtime: Runtime, outcomes: list[bool], fronted: list[PushStream]
+    ) -> None:
         self.base_url = base_url
         self.runtime = runtime
         self.outcomes = outcomes
+        self.fronted = fronted
 
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
@@ -63,8 +73,19 @@ async def serving(
     *,
     direct: bool = True,
     with_api: bool = True,
+    front: bool = False,
 ) -> AsyncIterator[Served]:
     outcomes: list[bool] = []
+    fronted: list[PushStream] = []
+
+    class SpiedPushStream(PushStream):
+        __slots__ = ()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            fronted.append(self)
+
+    monkeypatch.setattr(bridge.api.stream_front, "PushStream", SpiedPushStream)
     serve_directly = bridge.app.serve_directly
 
     async def spy(*args: Any) -> bool:
@@ -76,14 +97,21 @@ async def serving(
     app = create_app(settings, with_api=with_api, with_worker=with_api)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="on",
+            http=stream_front(app) if front else "auto",  # type: ignore[arg-type]
+        )
     )
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(30):
             while not server.started:  # noqa: ASYNC110 - uvicorn offers no start event
                 await asyncio.sleep(0.02)
-        yield Served(f"http://127.0.0.1:{port}", app.state.runtime, outcomes)
+        yield Served(f"http://127.0.0.1:{port}", app.state.runtime, outcomes, fronted)
     finally:
         server.should_exit = True
         await task
