@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
+import bridge.api.stream_front
 from bridge.api.stream_direct import ROUTE
 from bridge.settings import Settings
 from tests.integration.test_sse_direct import (
@@ -292,3 +293,36 @@ async def test_the_server_stopping_ends_live_streams(
     assert events[-1].event == "reconnect"
     await resp.aclose()
     await http.aclose()
+
+
+async def test_streams_register_a_bounded_number_at_a_time(
+    quick: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of streams registers `OPENING_LIMIT` at a time, and every one is served."""
+    monkeypatch.setattr(bridge.api.stream_front, "OPENING_LIMIT", 2)
+    opening = bridge.api.stream_front.open_session_stream
+    now = peak = 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        try:
+            await asyncio.sleep(0.02)  # a registration's round trips
+            return await opening(*args, **kwargs)
+        finally:
+            now -= 1
+
+    monkeypatch.setattr(bridge.api.stream_front, "open_session_stream", counted)
+    async with serving(quick, monkeypatch, front=True) as served:
+        heads = [
+            f"GET /api/sse/stream/burst-{i}?token={served.runtime.tokens.issue(f'burst-{i}')}"
+            " HTTP/1.1\r\n\r\n".encode()
+            for i in range(6)
+        ]
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(raw_exchange, port_of(served), h, until=b"retry:") for h in heads)
+        )
+        assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
+        assert len(served.fronted) == 6
+        assert peak == 2
