@@ -1,12 +1,13 @@
 """What bridge's own Python spends per delivered token on the SSE side, without sockets.
 
 `python -m bench.writer_cost` registers `--sessions` x `--connections` SSE streams with a
-connection manager, as the API does, but gives each a `send` that writes nowhere; then it hands
-the manager one live token per session at a time, as the fan-out reader does, and lets every
-stream write it. The figure is the process's CPU per delivered token: the hub's delivery, the
-wake-up of each connection's task, the encoding (once per event) and the metrics, everything
-of the live path but the server's write and the kernel's. S2's serve figure minus this one is
-what the socket writes cost.
+connection manager, as the API does, but gives each a `send` (ASGI streams) or a transport
+(push streams, what `bridge serve` runs) that writes nowhere; then it hands the manager one
+live token per session at a time, as the fan-out reader does, and lets every stream write it.
+The figure is the process's CPU per delivered token: the hub's delivery, the wake-up of each
+connection's task (ASGI streams only), the encoding (once per event) and the metrics,
+everything of the live path but the server's write and the kernel's. S2's serve figure minus
+this one is what the socket writes cost.
 """
 
 from __future__ import annotations
@@ -18,14 +19,61 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bridge.connections.manager import ConnectionManager
+from bridge.connections.push import Pulse, PushStream
 from bridge.connections.sse import SSEStream
 from bridge.connections.subscriber import Envelope
+from bridge.errors import CloseReason
 from bridge.streams.codec import Cursor, EventType, StreamEvent
 
 
 async def _no_history(cursor: Cursor) -> AsyncIterator[list[Envelope]]:
     return
     yield
+
+
+class _NullTransport(asyncio.Transport):
+    """A socket's transport that takes every write at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        pass
+
+
+def _deliver(manager: ConnectionManager, sessions: int, tokens: int) -> float:
+    began = time.process_time()
+    for seq in range(1, tokens + 1):
+        event = StreamEvent(EventType.TOKEN, "r", seq, time.time() * 1000, content=f"t{seq} ")
+        for session in range(sessions):
+            manager.deliver(f"s{session}", "m", [((1, seq), event)])
+    return time.process_time() - began
+
+
+async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
+    """The same for push streams: written from the delivery itself."""
+    manager = ConnectionManager(queue_size=1024)
+    transport = _NullTransport()
+    pulse = Pulse(60)
+    for session in range(sessions):
+        for _ in range(connections):
+            sub = await manager.connect(f"s{session}", {})
+            stream = PushStream(sub, transport, manager=manager, pulse=pulse, max_behind=1024)
+            await stream.run(b"", _no_history, 1000)
+    transport.writes = 0
+    spent = _deliver(manager, sessions, tokens)
+    manager.close_all(CloseReason.CLIENT_GONE)
+    return spent * 1e6 / (sessions * connections * tokens), transport.writes
 
 
 async def _measure(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
@@ -77,15 +125,17 @@ def main() -> None:
         run: Any = uvloop.run
     except ImportError:
         run = asyncio.run
-    figures = [
-        run(_measure(args.sessions, args.connections, args.tokens)) for _ in range(args.rounds)
-    ]
-    best = min(cpu for cpu, _ in figures)
-    print("| sessions x connections | tokens each | writes | us per delivered token (best) |")
-    print("|---|---|---|---|")
-    print(
-        f"| {args.sessions} x {args.connections} | {args.tokens} | {figures[0][1]} | {best:.2f} |"
-    )
+    print("| streams | sessions x connections | tokens each | writes | us per token (best) |")
+    print("|---|---|---|---|---|")
+    for name, measure in (("ASGI (a task each)", _measure), ("push (bridge serve)", _measure_push)):
+        figures = [
+            run(measure(args.sessions, args.connections, args.tokens)) for _ in range(args.rounds)
+        ]
+        best = min(cpu for cpu, _ in figures)
+        print(
+            f"| {name} | {args.sessions} x {args.connections} | {args.tokens} "
+            f"| {figures[0][1]} | {best:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
 
 def test_writer_cost_smoke_run_reports_every_write() -> None:
     """`python -m bench.writer_cost` runs (a few streams) and every token reached every one:
-    each stream writes its start, the first comment, one write per token and its end."""
+    each ASGI stream writes its start, the first comment, one write per token and its end;
+    each push stream one write per token (counted once live)."""
     done = run_module(
         "bench.writer_cost",
         "--sessions",
@@ -104,7 +105,10 @@ def test_writer_cost_smoke_run_reports_every_write() -> None:
         "1",
     )
     assert done.returncode == 0, done.stderr
-    [row] = table_rows(done.stdout)
-    assert row[0].strip() == "2 x 3"
-    assert int(row[2]) == 2 * 3 * (2 + 5 + 1)
-    assert float(row[3]) > 0
+    asgi, push = table_rows(done.stdout)
+    assert [asgi[0].strip(), asgi[1].strip()] == ["ASGI (a task each)", "2 x 3"]
+    assert int(asgi[3]) == 2 * 3 * (2 + 5 + 1)
+    assert float(asgi[4]) > 0
+    assert [push[0].strip(), push[1].strip()] == ["push (bridge serve)", "2 x 3"]
+    assert int(push[3]) == 2 * 3 * 5
+    assert float(push[4]) > 0

@@ -133,6 +133,43 @@ async def read_until(response: httpx.Response, done: Callable[[SSEEvent], bool])
     return events
 
 
+async def unregistered(served: Served) -> None:
+    """Until the server saw every stream end."""
+    async with asyncio.timeout(5):
+        while served.runtime.manager.connection_count:  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def answer(served: Served, session: str) -> tuple[Any, ...]:
+    """A stream of a new answer read to its end: status, headers (but `date` and `server`),
+    event shapes, and the access-log routes of the request."""
+    started = await chat(served, session)
+    with capture_logs(CAPTURE) as logs:
+        async with (
+            served.http() as http,
+            http.stream("GET", started["streamUrl"], headers={"X-Request-ID": "rid-1"}) as resp,
+        ):
+            events = await read_until(resp, terminal)
+        await unregistered(served)
+    headers = {k: v for k, v in resp.headers.items() if k not in {"date", "server"}}
+    routes = [e["route"] for e in logs if e["event"] == "http_request"]
+    shapes = [(e.event, msgspec.json.decode(e.data).get("sequence")) for e in events]
+    return resp.status_code, headers, shapes, routes
+
+
+async def resumed(served: Served, session: str) -> tuple[list[SSEEvent], list[SSEEvent]]:
+    """A stream read to its first token, then one resumed after it to the answer's end."""
+    started = await chat(served, session)
+    async with served.http() as http:
+        async with http.stream("GET", started["streamUrl"]) as resp:
+            first = await read_until(resp, lambda e: e.event == "token")
+        async with http.stream(
+            "GET", started["streamUrl"], headers={"Last-Event-ID": first[-1].id}
+        ) as resp:
+            rest = await read_until(resp, terminal)
+    return first, rest
+
+
 def terminal(event: SSEEvent) -> bool:
     return event.event in TERMINAL
 
@@ -178,20 +215,7 @@ async def test_the_direct_path_answers_as_the_route_does(
     for direct in (True, False):
         with monkeypatch.context() as patch:
             async with serving(quick, patch, direct=direct) as served:
-                started = await chat(served, f"same-{direct}")
-                with capture_logs(CAPTURE) as logs:
-                    async with (
-                        served.http() as http,
-                        http.stream(
-                            "GET", started["streamUrl"], headers={"X-Request-ID": "rid-1"}
-                        ) as resp,
-                    ):
-                        events = await read_until(resp, terminal)
-                headers = {k: v for k, v in resp.headers.items() if k not in {"date", "server"}}
-                routes = [e["route"] for e in logs if e["event"] == "http_request"]
-                shapes = [(e.event, msgspec.json.decode(e.data).get("sequence")) for e in events]
-                outcomes = await served.settled(1)
-                answers.append((resp.status_code, headers, shapes, routes, outcomes))
+                answers.append((*await answer(served, f"same-{direct}"), served.outcomes))
     (direct_answer, route_answer) = answers
     assert direct_answer[4] == [True]
     assert route_answer[4] == [False]
@@ -203,14 +227,7 @@ async def test_a_reconnect_resumes_after_its_cursor(
 ) -> None:
     """`Last-Event-ID` on the direct path: the rest of the answer, nothing twice."""
     async with serving(quick, monkeypatch) as served:
-        started = await chat(served, "direct-resume")
-        async with served.http() as http:
-            async with http.stream("GET", started["streamUrl"]) as resp:
-                first = await read_until(resp, lambda e: e.event == "token")
-            async with http.stream(
-                "GET", started["streamUrl"], headers={"Last-Event-ID": first[-1].id}
-            ) as resp:
-                rest = await read_until(resp, terminal)
+        first, rest = await resumed(served, "direct-resume")
         assert await served.settled(2) == [True, True]
         assert tokens_of(first) + tokens_of(rest) == list(range(1, 7))
 

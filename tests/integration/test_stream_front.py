@@ -23,11 +23,14 @@ from bridge.settings import Settings
 from tests.integration.test_sse_direct import (
     CAPTURE,
     Served,
+    answer,
     chat,
     read_until,
+    resumed,
     serving,
     terminal,
     tokens_of,
+    unregistered,
 )
 
 pytestmark = [
@@ -39,12 +42,6 @@ pytestmark = [
 @pytest.fixture
 def quick(settings: Settings) -> Settings:
     return msgspec.structs.replace(settings, mock_tokens=6, mock_delay_ms=2.0)
-
-
-async def unregistered(served: Served) -> None:
-    async with asyncio.timeout(5):
-        while served.runtime.manager.connection_count:  # noqa: ASYNC110 - no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def test_a_live_stream_is_served_in_front_of_uvicorn(
@@ -83,20 +80,7 @@ async def test_the_front_answers_as_the_route_does(
     for front in (True, False):
         with monkeypatch.context() as patch:
             async with serving(quick, patch, direct=False, front=front) as served:
-                started = await chat(served, f"same-{front}")
-                with capture_logs(CAPTURE) as logs:
-                    async with (
-                        served.http() as http,
-                        http.stream(
-                            "GET", started["streamUrl"], headers={"X-Request-ID": "rid-1"}
-                        ) as resp,
-                    ):
-                        events = await read_until(resp, terminal)
-                    await unregistered(served)
-                headers = {k: v for k, v in resp.headers.items() if k not in {"date", "server"}}
-                routes = [e["route"] for e in logs if e["event"] == "http_request"]
-                shapes = [(e.event, msgspec.json.decode(e.data).get("sequence")) for e in events]
-                answers.append((resp.status_code, headers, shapes, routes, len(served.fronted)))
+                answers.append((*await answer(served, f"same-{front}"), len(served.fronted)))
     (front_answer, route_answer) = answers
     assert front_answer[4] == 1
     assert route_answer[4] == 0
@@ -108,14 +92,7 @@ async def test_a_reconnect_resumes_after_its_cursor(
 ) -> None:
     """`Last-Event-ID` through the front: the rest of the answer, nothing twice."""
     async with serving(quick, monkeypatch, front=True) as served:
-        started = await chat(served, "front-resume")
-        async with served.http() as http:
-            async with http.stream("GET", started["streamUrl"]) as resp:
-                first = await read_until(resp, lambda e: e.event == "token")
-            async with http.stream(
-                "GET", started["streamUrl"], headers={"Last-Event-ID": first[-1].id}
-            ) as resp:
-                rest = await read_until(resp, terminal)
+        first, rest = await resumed(served, "front-resume")
         assert len(served.fronted) == 2
         assert tokens_of(first) + tokens_of(rest) == list(range(1, 7))
 
