@@ -303,3 +303,30 @@ async def test_streams_register_a_bounded_number_at_a_time(
         assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
         assert len(served.fronted) == 6
         assert peak == 2
+
+
+async def test_a_client_that_sends_on_while_its_stream_opens_is_closed(
+    quick: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What arrives while a stream opens is kept for uvicorn (in case it is declined), up to
+    `MAX_HEAD_BYTES`: past that the connection closes, and nothing stays registered."""
+    opening = bridge.api.stream_front.open_session_stream
+    slow = asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await slow.wait()
+        return await opening(*args, **kwargs)
+
+    monkeypatch.setattr(bridge.api.stream_front, "open_session_stream", held)
+    async with serving(quick, monkeypatch, front=True) as served:
+        token = served.runtime.tokens.issue("flood")
+        head = f"GET /api/sse/stream/flood?token={token} HTTP/1.1\r\n\r\n".encode()
+        flood = b"x" * (bridge.api.stream_front.MAX_HEAD_BYTES + 1)
+        answer = await asyncio.to_thread(
+            raw_exchange, port_of(served), head, flood, until=b"\r\n", pause_s=0.2
+        )
+        slow.set()
+        assert answer == b""
+        await asyncio.sleep(0.1)
+        assert served.fronted == []
+        assert served.runtime.manager.connection_count == 0

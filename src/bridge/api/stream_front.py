@@ -120,8 +120,10 @@ class StreamFront(asyncio.Protocol):
         if self._stream is not None:
             return  # a live stream reads nothing more; the client only ever closes it
         self._head += data
-        if self._task is not None:
-            return  # opening: kept for uvicorn in case the stream is declined
+        if self._task is not None:  # opening: kept for uvicorn in case the stream is declined
+            if len(self._head) > MAX_HEAD_BYTES:  # but a stream request has nothing to send
+                self._transport.close()  # type: ignore[union-attr]
+            return
         if not self._head.startswith(_PREFIX[: len(self._head)]):
             self._hand_over()
             return

@@ -178,8 +178,7 @@ class PushStream:
             self._missed = True
         if self._paused:
             self._behind += len(envelopes)
-            if self._behind > self._max_behind:
-                log.info("slow_consumer_closed", connection_id=self.sub.id, queued=self._behind)
+            if self._behind > self._max_behind:  # the manager counts and logs the close
                 self.sub.close(CloseReason.SLOW_CONSUMER)
 
     async def _write_paced(self, data: bytes) -> None:
