@@ -162,7 +162,8 @@ class CancelWatch:
         """Follow the cancel channel until cancelled; resubscribe after Redis errors."""
         backoff = Backoff()
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            # Any: redis-py's PubSub gained annotations only in 8.x, and we support 7.x too
+            pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.cancel_channel)
                 self.subscribed = True
@@ -176,7 +177,7 @@ class CancelWatch:
                 await backoff.wait()
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def _listen(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
