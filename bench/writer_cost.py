@@ -4,9 +4,10 @@
 connection manager, as the API does, but gives each a `send` (ASGI streams) or a transport
 (push streams, what `bridge serve` runs) that writes nowhere; then it hands the manager one
 live token per session at a time, as the fan-out reader does, and lets every stream write it.
-The figure is the process's CPU per delivered token: the hub's delivery, the wake-up of each
-connection's task (ASGI streams only), the encoding (once per event) and the metrics,
-everything of the live path but the server's write and the kernel's. S2's serve figure minus
+The figure is the process's CPU per delivered token: the hub's delivery (with the keeping of
+recent entries for reconnects), the wake-up of each connection's task (ASGI streams only), the
+encoding (once per event) and the metrics, everything of the live path but the server's write
+and the kernel's. S2's serve figure minus
 this one is what the socket writes cost.
 """
 
@@ -24,6 +25,8 @@ from bridge.connections.sse import SSEStream
 from bridge.connections.subscriber import Envelope
 from bridge.errors import CloseReason
 from bridge.streams.codec import Cursor, EventType, StreamEvent
+
+_RECENT_S = 5.0  # the default BRIDGE_SSE_RECENT_S: each delivery is also kept for reconnects
 
 
 async def _no_history(cursor: Cursor) -> AsyncIterator[list[Envelope]]:
@@ -56,13 +59,13 @@ def _deliver(manager: ConnectionManager, sessions: int, tokens: int) -> float:
     for seq in range(1, tokens + 1):
         event = StreamEvent(EventType.TOKEN, "r", seq, time.time() * 1000, content=f"t{seq} ")
         for session in range(sessions):
-            manager.deliver(f"s{session}", "m", [((1, seq), event)])
+            manager.deliver(f"s{session}", "m", (1, seq - 1), [((1, seq), event)])
     return time.process_time() - began
 
 
 async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
     """The same for push streams: written from the delivery itself."""
-    manager = ConnectionManager(queue_size=1024)
+    manager = ConnectionManager(queue_size=1024, recent_s=_RECENT_S)
     transport = _NullTransport()
     pulse = Pulse(60)
     for session in range(sessions):
@@ -78,7 +81,7 @@ async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[f
 
 async def _measure(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
     """CPU microseconds per delivered token, and the writes the streams made."""
-    manager = ConnectionManager(queue_size=1024)
+    manager = ConnectionManager(queue_size=1024, recent_s=_RECENT_S)
     writes = 0
     gone = asyncio.Event()
 
@@ -104,7 +107,7 @@ async def _measure(sessions: int, connections: int, tokens: int) -> tuple[float,
     for seq in range(1, tokens + 1):
         event = StreamEvent(EventType.TOKEN, "r", seq, time.time() * 1000, content=f"t{seq} ")
         for session in range(sessions):
-            manager.deliver(f"s{session}", "m", [((1, seq), event)])
+            manager.deliver(f"s{session}", "m", (1, seq - 1), [((1, seq), event)])
         await asyncio.sleep(0)  # the connections' tasks write
     spent = time.process_time() - began
     gone.set()

@@ -82,6 +82,13 @@ CONNECTIONS_CLOSED = Counter(
     ["transport", "reason"],
     registry=REGISTRY,
 )
+CATCH_UPS = Counter(
+    "bridge_catch_ups_total",
+    "Catch-ups of stream connections, by source: memory (the entries this process holds of "
+    "the session's recent past cover the cursor: no Redis read) or redis.",
+    ["source"],
+    registry=REGISTRY,
+)
 
 # --- generations and providers ------------------------------------------------------------
 GENERATIONS = Counter(

@@ -15,6 +15,7 @@ from bridge import metrics
 from bridge.access import StreamTokens
 from bridge.batching.batcher import Batcher
 from bridge.connections.manager import ConnectionManager
+from bridge.connections.subscriber import Envelope
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.health import HealthMonitor
 from bridge.providers.registry import ProviderRegistry
@@ -25,8 +26,9 @@ from bridge.redis_watch import RedisWatch
 from bridge.seeds import seed_streams, worker_modes
 from bridge.settings import Settings
 from bridge.streams.cancel import CancelWatch
+from bridge.streams.codec import Cursor
 from bridge.streams.fanout import FanoutReader
-from bridge.streams.history import HistoryStats
+from bridge.streams.history import Gap, HistoryStats, replay
 from bridge.streams.keys import Keys
 from bridge.streams.seed_requests import SeedRequestDecoder
 from bridge.supervisor import BackgroundTask
@@ -60,6 +62,7 @@ class Runtime:
             max_per_session=settings.max_sse_per_session,
             max_per_address=settings.max_sse_per_address,
             linger_s=settings.sse_linger_s,
+            recent_s=settings.sse_recent_s,
         )
         self.history_stats = HistoryStats()
         self.watch = RedisWatch(
@@ -87,6 +90,7 @@ class Runtime:
                 self.manager.deliver,
                 keepalive_s=settings.fanout_block_ms / 1000,
                 timeout_s=settings.redis_timeout_s,
+                on_lost=self.manager.recent.clear,
             )
             self.manager.tracker = self.fanout
             self.tasks.append(BackgroundTask("fanout-reader", self.fanout.run))
@@ -129,6 +133,32 @@ class Runtime:
         self._drained: asyncio.Task[int] | None = None
         roles = (("api", with_api), ("worker", with_worker))
         metrics.set_build_info("+".join(role for role, on in roles if on))
+
+    async def catch_up(self, session: str, cursor: Cursor) -> AsyncIterator[list[Envelope] | Gap]:
+        """What `session` retains after `cursor`: from the entries this process delivered in
+        the last seconds when they hold all of it (the common reconnect), else from Redis.
+
+        Call it once the connection is registered (tailing the session): whatever is
+        delivered after the entries it finds reaches the connection live.
+        """
+        models = self.fanout.models(session) if self.fanout is not None else None
+        if models is not None:
+            held = self.manager.recent.after(session, cursor, models | cursor.keys())
+            if held is not None:
+                metrics.CATCH_UPS.labels("memory").inc()
+                if held:
+                    yield held
+                return
+        metrics.CATCH_UPS.labels("redis").inc()
+        async for item in replay(
+            self.redis,
+            self.keys,
+            session,
+            cursor,
+            known_models=self.fanout.models if self.fanout is not None else None,
+            stats=self.history_stats,
+        ):
+            yield item
 
     def _redis_down(self) -> None:
         # EventSource reconnects (after `retry:`) to a connection that ends; it resumes from
@@ -202,6 +232,7 @@ class Runtime:
     async def _stop(self) -> None:
         await self.drained()
         self.manager.close_all(CloseReason.SHUTDOWN)  # any that opened meanwhile
+        self.manager.recent.close()
         for task in reversed(self.tasks):
             await task.stop()
         await self.providers.aclose()

@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_heartbeat_s: float = 15.0
     sse_retry_ms: int = 3000
     sse_linger_s: float = 5.0
+    sse_recent_s: float = 5.0
     send_queue_size: int = 2048
     fanout_block_ms: int = 5000
 
@@ -142,6 +143,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             sse_heartbeat_s=reader.number("BRIDGE_SSE_HEARTBEAT_S", 15.0),
             sse_retry_ms=reader.integer("BRIDGE_SSE_RETRY_MS", 3000),
             sse_linger_s=reader.number("BRIDGE_SSE_LINGER_S", 5.0),
+            sse_recent_s=reader.number("BRIDGE_SSE_RECENT_S", 5.0),
             send_queue_size=reader.integer("BRIDGE_SEND_QUEUE_SIZE", 2048),
             fanout_block_ms=reader.integer("BRIDGE_FANOUT_BLOCK_MS", 5000),
             max_body_bytes=reader.integer("BRIDGE_MAX_BODY_BYTES", 256 * 1024),

@@ -38,6 +38,10 @@ class Harness:
         self.redis = redis
         self.producer = StreamProducer(redis, self.keys, settings)
         self.delivered: Delivered = []
+        self.firsts: dict[tuple[str, str], EntryId] = {}  # each stream's first batch's `after`
+        self.breaks: list[tuple[str, str]] = []  # a batch's `after` was not the last entry
+        self._last: dict[tuple[str, str], EntryId] = {}
+        self.losses = 0  # the reader said its connection was lost
         assert settings.redis_url is not None
         self.blocking = make_client(
             settings.redis_url, settings, socket_timeout=block_ms / 1000 + 10
@@ -47,10 +51,24 @@ class Harness:
             RawConnection(redis, name="XREAD"),
             redis,
             self.keys,
-            lambda s, m, batch: self.delivered.append((s, m, batch)),
+            self.deliver,
             keepalive_s=block_ms / 1000,
             count=count,
+            on_lost=self.lost,
         )
+
+    def lost(self) -> None:
+        self.losses += 1
+
+    def deliver(
+        self, session: str, model: str, after: EntryId, batch: list[tuple[EntryId, StreamEvent]]
+    ) -> None:
+        stream = (session, model)
+        self.firsts.setdefault(stream, after)
+        if self._last.get(stream, after) != after:
+            self.breaks.append(stream)
+        self._last[stream] = batch[-1][0]
+        self.delivered.append((session, model, batch))
 
     async def start_generation(self, session: str, model: str, request_id: str) -> None:
         await self.redis.hset(self.keys.generation(request_id), "epoch", 1)
@@ -115,6 +133,9 @@ async def test_appends_to_a_tracked_session_are_delivered_in_order(harness: Harn
     for start in range(1, 30, 3):  # ten appends
         await harness.append("s1", "mock", "r1", range(start, start + 3))
     assert await harness.wait_for("s1", "mock", 30, "thirty tokens") == texts(range(1, 31))
+    # each batch says which position it continues: the one before it, from tracking on
+    assert harness.breaks == []
+    assert harness.firsts[("s1", "mock")] == (0, 0)  # the stream was empty when tracked
 
 
 async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
@@ -127,6 +148,7 @@ async def test_a_model_stream_begun_after_tracking_is_read_from_its_start(
     await harness.append("s2", "other", "r2", range(1, 4))
     await harness.wait_for("s2", "other", 3, "the new model's tokens")
     assert harness.reader.models("s2") == {"other"}
+    assert harness.firsts[("s2", "other")] == (0, 0)  # read from its start
 
 
 async def test_appends_of_sessions_not_tailed_here_are_not_delivered(harness: Harness) -> None:
@@ -153,6 +175,7 @@ async def test_entries_written_without_a_message_are_read_at_the_next_one(
     await harness.append("quiet", "mock", "r5", range(2, 4))
     got = await harness.wait_for("quiet", "mock", 3, "the unannounced entry and the next")
     assert got == ["unannounced ", "t2 ", "t3 "]
+    assert harness.breaks == []
 
 
 async def test_unreadable_messages_make_the_reader_read_the_session_s_streams(
@@ -210,16 +233,20 @@ async def test_a_session_tracked_again_after_untracking_keeps_its_subscription(
 async def test_a_redis_error_makes_the_reader_re_read_everything(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
-    """After its connection fails, the reader subscribes again and re-reads every tailed
-    stream: entries written while it was away arrive though their messages went nowhere."""
+    """After its connection fails, the reader says so (what it delivered may be gone from a
+    restarted Redis), subscribes again and re-reads every tailed stream: entries written while
+    it was away arrive though their messages went nowhere."""
     h = Harness(redis, settings, count=100)
     await h.start_generation("gap", "mock", "r6")
     async with h.running():
         await h.reader.track("gap")
+        assert h.losses == 0
         await h.blocking.connection_pool.disconnect()  # the reader's read fails
         await h.append("gap", "mock", "r6", range(1, 6))
         got = await h.wait_for("gap", "mock", 5, "the tokens written while it was away")
         assert got == texts(range(1, 6))
+        assert h.breaks == []
+        assert h.losses >= 1
 
 
 async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
@@ -238,6 +265,7 @@ async def test_a_gap_longer_than_one_read_is_read_whole_at_once(
         await h.append("big", "mock", "r7", range(11, 13))
         got = await h.wait_for("big", "mock", 12, "the gap and the append")
         assert got == texts(range(1, 13))
+        assert h.breaks == []  # four reads of four, each continuing the last
 
 
 async def test_a_session_tracked_while_the_reader_is_away_is_subscribed_when_it_is_back(
@@ -268,7 +296,7 @@ async def test_tracking_fails_in_time_when_no_subscription_can_be_made(
         RawConnection(redis, name="XREAD"),
         redis,
         h.keys,
-        lambda s, m, batch: None,
+        lambda s, m, after, batch: None,
         timeout_s=0.3,
     )
     try:

@@ -218,7 +218,7 @@ async def test_readers_skip_and_count_malformed_entries(
         RawConnection(redis, name="XREAD"),
         redis,
         keys,
-        lambda s, m, batch: delivered.extend(batch),
+        lambda s, m, after, batch: delivered.extend(batch),
         keepalive_s=0.2,
     )
     await redis.xadd(keys.session_index("s"), {"m": "mock", "r": "r"})

@@ -86,7 +86,7 @@ async def test_deliver_reaches_every_subscriber_of_the_session_only() -> None:
     a1 = await manager.connect("a", {})
     a2 = await manager.connect("a", {})
     b1 = await manager.connect("b", {})
-    manager.deliver("a", "gpt-4", _batch(1, 2))
+    manager.deliver("a", "gpt-4", (1000, 0), _batch(1, 2))
     got1 = await a1.next_batch(1.0)
     got2 = await a2.next_batch(1.0)
     assert [(e.model, e.entry_id, e.event.seq) for e in got1] == [
@@ -103,7 +103,7 @@ async def test_delivered_envelopes_are_shared_and_encoded_once() -> None:
     manager = _manager()
     a1 = await manager.connect("a", {})
     a2 = await manager.connect("a", {})
-    manager.deliver("a", "m", _batch(1))
+    manager.deliver("a", "m", (1000, 0), _batch(1))
     (env1,) = await a1.next_batch(1.0)
     (env2,) = await a2.next_batch(1.0)
     assert env1 is env2
@@ -114,7 +114,7 @@ async def test_deliver_to_an_unknown_session_does_nothing() -> None:
     """Delivering to a session without local connections is a no-op."""
     manager = _manager()
     a1 = await manager.connect("a", {})
-    manager.deliver("nobody", "m", _batch(1))
+    manager.deliver("nobody", "m", (1000, 0), _batch(1))
     assert a1.queued == 0
 
 
@@ -123,9 +123,9 @@ async def test_deliver_closes_only_the_overflowing_subscriber() -> None:
     manager = _manager(queue_size=2)
     slow = await manager.connect("a", {})
     fast = await manager.connect("a", {})
-    manager.deliver("a", "m", _batch(1, 2))
+    manager.deliver("a", "m", (1000, 0), _batch(1, 2))
     assert len(await fast.next_batch(1.0)) == 2
-    manager.deliver("a", "m", _batch(3))
+    manager.deliver("a", "m", (1000, 2), _batch(3))
     assert slow.closed is CloseReason.SLOW_CONSUMER
     assert fast.closed is None
     assert manager.overflows == 1
@@ -136,11 +136,11 @@ async def test_an_overflowed_subscriber_is_counted_once() -> None:
     """Later deliveries to an already closed slow consumer do not count further overflows."""
     manager = _manager(queue_size=1)
     slow = await manager.connect("a", {})
-    manager.deliver("a", "m", _batch(1, 2))
+    manager.deliver("a", "m", (1000, 0), _batch(1, 2))
     assert slow.closed is CloseReason.SLOW_CONSUMER
     assert manager.overflows == 1
-    manager.deliver("a", "m", _batch(3))
-    manager.deliver("a", "m", _batch(4))
+    manager.deliver("a", "m", (1000, 2), _batch(3))
+    manager.deliver("a", "m", (1000, 3), _batch(4))
     assert manager.overflows == 1
 
 
@@ -182,7 +182,7 @@ async def test_failing_track_fails_every_waiting_connect_and_the_next_one_retrie
     sub = await asyncio.wait_for(manager.connect("a", {}), 1.0)
     assert tracker.tracked == ["a", "a"]
     assert manager.connection_count == 1
-    manager.deliver("a", "m", _batch(1))
+    manager.deliver("a", "m", (1000, 0), _batch(1))
     assert sub.queued == 1
 
 
@@ -202,7 +202,7 @@ async def test_cancelled_connect_leaves_the_shared_track_running_for_the_others(
     sub = await asyncio.wait_for(stayer, 1.0)
     assert tracker.tracked == ["a"]
     assert tracker.untracked == []
-    manager.deliver("a", "m", _batch(1))
+    manager.deliver("a", "m", (1000, 0), _batch(1))
     assert sub.queued == 1
 
 
@@ -240,7 +240,7 @@ async def test_a_lingering_session_is_untracked_once_the_linger_passes() -> None
     manager.disconnect(await manager.connect("a", {}))
     assert tracker.untracked == []
     assert (manager.session_count, manager.lingering_count) == (0, 1)
-    manager.deliver("a", "m", _batch(1))  # nobody listens: dropped (Redis keeps it)
+    manager.deliver("a", "m", (1000, 0), _batch(1))  # nobody listens: dropped (Redis keeps it)
     await asyncio.sleep(0.1)
     assert tracker.untracked == ["a"]
     assert manager.lingering_count == 0
@@ -258,7 +258,7 @@ async def test_a_reconnect_within_the_linger_skips_tracking() -> None:
     assert manager.lingering_count == 0
     await asyncio.sleep(0.1)
     assert tracker.untracked == []
-    manager.deliver("a", "m", _batch(1))
+    manager.deliver("a", "m", (1000, 0), _batch(1))
     assert sub.queued == 1
     manager.disconnect(sub)  # leaving again starts a new linger
     await asyncio.sleep(0.1)
@@ -296,5 +296,5 @@ async def test_close_all_closes_every_connection_with_the_reason() -> None:
     assert all(s.closed is CloseReason.SHUTDOWN for s in subs)
     with pytest.raises(Closed):
         await asyncio.wait_for(waiter, 1.0)
-    manager.deliver("a", "m", _batch(1))
+    manager.deliver("a", "m", (1000, 0), _batch(1))
     assert all(s.queued == 0 for s in subs)

@@ -127,6 +127,7 @@ class Setup:
 
 
 HEAD = b"HTTP/1.1 200 OK\r\n\r\n"
+AFTER = (0, 0)  # what a delivery continues: unused, the manager keeps no recent entries here
 
 
 async def test_catch_up_then_live_events_each_once_in_order() -> None:
@@ -138,14 +139,14 @@ async def test_catch_up_then_live_events_each_once_in_order() -> None:
     retained.gate = gate = asyncio.Event()
     running = asyncio.create_task(stream.run(HEAD, retained.replay, 1000))
     await asyncio.sleep(0)
-    setup.manager.deliver("s", "m", [retained.append(3)])  # during the first pass
+    setup.manager.deliver("s", "m", AFTER, [retained.append(3)])  # during the first pass
     assert sequences(setup.transport.events()) == []
     gate.set()
     await running
     assert retained.passes == 2
     assert sequences(setup.transport.events()) == [1, 2, 3]
-    setup.manager.deliver("s", "m", [retained.append(4)])
-    setup.manager.deliver("s", "m", [(envelope(4).entry_id, envelope(4).event)])  # repeated
+    setup.manager.deliver("s", "m", AFTER, [retained.append(4)])
+    setup.manager.deliver("s", "m", AFTER, [(envelope(4).entry_id, envelope(4).event)])  # repeated
     events = setup.transport.events()
     assert sequences(events) == [1, 2, 3, 4]
     assert events[-1].id == "m:1004-0"
@@ -189,7 +190,7 @@ async def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer() -> Non
     await stream.run(HEAD, history_of(), 1000)
     stream.pause_writing()
     for seq in range(1, 5):
-        setup.manager.deliver("s", "m", [(envelope(seq).entry_id, envelope(seq).event)])
+        setup.manager.deliver("s", "m", AFTER, [(envelope(seq).entry_id, envelope(seq).event)])
     assert stream.sub.closed is CloseReason.SLOW_CONSUMER
     events = setup.transport.events()
     assert sequences(events) == [1, 2, 3, 4]
@@ -197,7 +198,8 @@ async def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer() -> Non
     assert setup.transport.ended()
     assert setup.transport.closing
     assert not setup.transport.aborted
-    setup.manager.deliver("s", "m", [(envelope(5).entry_id, envelope(5).event)])  # nothing more
+    # nothing more is written
+    setup.manager.deliver("s", "m", AFTER, [(envelope(5).entry_id, envelope(5).event)])
     assert sequences(setup.transport.events()) == [1, 2, 3, 4]
     assert len(setup.pulse) == 0
 
@@ -212,7 +214,7 @@ async def test_a_client_that_reads_nothing_during_its_catch_up_is_closed_too() -
     stream.pause_writing()
     await asyncio.sleep(0.01)
     for seq in range(2, 6):
-        setup.manager.deliver("s", "m", [retained.append(seq)])
+        setup.manager.deliver("s", "m", AFTER, [retained.append(seq)])
     with pytest.raises(asyncio.CancelledError):
         await running
     assert stream.sub.closed is CloseReason.SLOW_CONSUMER
@@ -230,7 +232,7 @@ async def test_writing_resumes_the_count_of_events_behind() -> None:
         stream.pause_writing()
         for seq in range(3):
             e = envelope(round_ * 3 + seq + 1)
-            setup.manager.deliver("s", "m", [(e.entry_id, e.event)])
+            setup.manager.deliver("s", "m", AFTER, [(e.entry_id, e.event)])
         stream.resume_writing()
     assert stream.sub.closed is None
     assert sequences(setup.transport.events()) == list(range(1, 10))

@@ -17,7 +17,6 @@ from bridge.connections.sse import SSEResponse, SSEStream, closed_stream
 from bridge.errors import CloseReason, RedisUnavailable
 from bridge.runtime import Runtime
 from bridge.streams.codec import parse_cursor
-from bridge.streams.history import replay
 from bridge.streams.keys import check_id
 
 TOKEN_COOKIE = "bridge_stream_token"
@@ -95,14 +94,7 @@ async def open_session_stream(
     return SSEStream(
         sub=sub,
         manager=runtime.manager,
-        history=partial(
-            replay,
-            runtime.redis,
-            runtime.keys,
-            session,
-            known_models=runtime.fanout.models if runtime.fanout is not None else None,
-            stats=runtime.history_stats,
-        ),
+        history=partial(runtime.catch_up, session),
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
     )

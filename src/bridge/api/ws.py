@@ -30,7 +30,7 @@ from bridge.errors import BadRequest, CloseReason, RateLimited
 from bridge.runtime import Runtime
 from bridge.streams.cancel import request_cancel
 from bridge.streams.codec import EventType, format_cursor, now_ms, parse_cursor
-from bridge.streams.history import Gap, replay
+from bridge.streams.history import Gap
 from bridge.streams.jobs import enqueue
 from bridge.ws_protocol import (
     AddRequest,
@@ -185,10 +185,10 @@ class WSConnection:
             raise BadRequest(f"the job already ended ({outcome})")
 
     async def _forward(self, job_id: str, sub: Subscriber) -> None:
-        """Catch up from Redis, then relay live events, until the job's terminal event."""
+        """Catch up, then relay live events, until the job's terminal event."""
         runtime = self._runtime
         try:
-            async for item in replay(runtime.redis, runtime.keys, sub.session, sub.cursor):
+            async for item in runtime.catch_up(sub.session, sub.cursor):
                 if isinstance(item, Gap):
                     if item.reason == "reset":
                         sub.cursor.pop(item.model, None)

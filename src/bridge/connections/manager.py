@@ -12,6 +12,7 @@ from bridge import metrics
 from bridge.errors import CloseReason, RateLimited
 from bridge.streams.codec import Cursor, EntryId, StreamEvent
 
+from .recent import Recent
 from .subscriber import Envelope, Subscriber
 
 log = structlog.get_logger("bridge.connections")
@@ -36,9 +37,10 @@ class ConnectionManager:
     start position is fixed (no gap between the two).
 
     The linger spares a reconnecting client (a dropped network, EventSource's retry) the
-    re-tracking round trips. Events read while a session has no connection are dropped here:
-    they stay in Redis, and a connection that comes back registers before it replays from its
-    cursor, so its catch-up finds them (the same seam as a first connection).
+    re-tracking round trips. Events read while a session has no connection reach nobody
+    here: they stay in Redis (and, for a while, in `recent`), and a connection that comes back
+    registers before it replays from its cursor, so its catch-up finds them (the same seam as
+    a first connection).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ConnectionManager:
         max_per_session: int = 0,
         max_per_address: int = 0,
         linger_s: float = 0.0,
+        recent_s: float = 0.0,
     ) -> None:
         self._queue_size = queue_size
         self._max_per_session = max_per_session  # open connections; 0: no limit
@@ -60,6 +63,7 @@ class ConnectionManager:
         self._linger_s = linger_s
         self._lingering: dict[str, asyncio.TimerHandle] = {}  # tracked, nobody connected
         self.tracker: SessionTracker | None = None
+        self.recent = Recent(window_s=recent_s)
         self.overflows = 0
 
     async def connect(
@@ -115,16 +119,17 @@ class ConnectionManager:
             return
         self._tracking.pop(session, None)
         self._tracked.discard(session)
+        self.recent.forget(session)  # tailed again, the reader starts from the streams' ends
         if self.tracker is not None:
             self.tracker.untrack(session)
 
-    def deliver(self, session: str, model: str, batch: list[tuple[EntryId, StreamEvent]]) -> None:
+    def deliver(
+        self, session: str, model: str, after: EntryId, batch: list[tuple[EntryId, StreamEvent]]
+    ) -> None:
         """Hand live events to every local connection of `session` (the reader's callback)."""
-        subs = self._sessions.get(session)
-        if not subs:
-            return
         envelopes = [Envelope(model, entry_id, event) for entry_id, event in batch]
-        for sub in subs:
+        self.recent.record(session, model, after, envelopes)
+        for sub in self._sessions.get(session, ()):
             if sub.closed is None and not sub.offer(envelopes):
                 self.overflows += 1
                 log.info("slow_consumer_closed", connection_id=sub.id, queued=sub.queued)

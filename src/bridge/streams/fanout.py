@@ -49,8 +49,10 @@ from bridge.streams.keys import Keys, indexed_model, is_safe_id
 
 log = structlog.get_logger("bridge.fanout")
 
-Deliver = Callable[[str, str, list[tuple[EntryId, StreamEvent]]], None]
-"""deliver(session, model, [(entry id, event), ...]) is called in stream order."""
+Deliver = Callable[[str, str, EntryId, list[tuple[EntryId, StreamEvent]]], None]
+"""deliver(session, model, after, [(entry id, event), ...]) is called in stream order; the
+entries are every one of the stream's after `after` (the reader's position before them) up to
+the last, but for malformed ones skipped."""
 
 _RESYNC_KEYS = 1000  # streams per non-blocking read when re-reading everything
 _SUBSCRIBE_CHANNELS = 1000  # channels per SUBSCRIBE when subscribing again
@@ -71,6 +73,7 @@ class FanoutReader:
         keepalive_s: float = 5.0,
         timeout_s: float = 5.0,
         count: int = 500,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self._subscriber = subscriber  # pub/sub: SUBSCRIBE, UNSUBSCRIBE and PING only
         self._reader = reader  # the streams' reads that fill gaps
@@ -80,6 +83,7 @@ class FanoutReader:
         self._keepalive_s = keepalive_s  # a PING this often: a silent connection is a dead one
         self._timeout_s = timeout_s
         self._count = count
+        self._on_lost = on_lost  # what was delivered may be gone from Redis (a restart)
         self._streams_read = bulk("XREAD") + bulk("COUNT") + bulk(count) + bulk("STREAMS")
         self._channel_prefix = keys.live_channel("").encode()
         # the reader's own channel: subscribed from the start, so the connection always is
@@ -231,6 +235,8 @@ class FanoutReader:
         """The subscription is gone: waiters move on to the next subscribing."""
         self.connected = False
         self._live = False
+        if self._on_lost is not None:
+            self._on_lost()
         for waiters in self._pongs.values():
             self._deferred.extend(waiter for waiter in waiters if not waiter.done())
         self._pongs.clear()
@@ -281,7 +287,7 @@ class FanoutReader:
                 self._skip_entry(model, raw_id, exc)
         self._positions[key] = ids[-1]
         if batch:
-            self._deliver(session, model, batch)
+            self._deliver(session, model, position, batch)
         return []
 
     def _malformed(self, session: str, exc: Exception) -> list[bytes]:
@@ -341,7 +347,7 @@ class FanoutReader:
             except MalformedEntry as exc:
                 self._skip_entry(model, raw_id, exc)
         if batch:
-            self._deliver(session, model, batch)
+            self._deliver(session, model, position, batch)
 
     def _skip_entry(self, model: str, entry_id: bytes, exc: MalformedEntry) -> None:
         self._count_malformed("malformed_entry_skipped", exc, model=model, entry=entry_id)
