@@ -12,6 +12,11 @@ just before the answer finished). Then it reconnects with `Last-Event-ID`:
 
 S4 reports the burst while 2,400 tokens/s stream, which makes its figure swing by a factor of
 three from run to run; this one isolates what the reconnect itself costs.
+
+`--recent-s` sets the bridge's `BRIDGE_SSE_RECENT_S`: `0` makes every catch-up read Redis, a
+window longer than the run makes every one come from memory (the generations finished before
+the reconnects start, so the default 5 s covers only the first of them). The table says how
+many catch-ups each source answered (`bridge_catch_ups_total`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import asyncio
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.loadgen import ClientStats, SSEConnection, get_request, now_us, open_stream, post_json
 from bench.stack import HOST, Meter, Stack, model_name
@@ -73,25 +80,48 @@ async def _reconnect(stack: Stack, session: str, cursor: str) -> int:
     return conn.first_token_us - started
 
 
-async def measure(sessions: int, rounds: int, behind: int) -> dict[str, dict[str, Any]]:
+async def _catch_ups(stack: Stack) -> dict[str, int]:
+    """bridge_catch_ups_total by source, from the bridge's /metrics."""
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{stack.bridge_port}") as client:
+        text = (await client.get("/metrics")).text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith('bridge_catch_ups_total{source="'):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('"')[1]] = int(float(value))
+    return found
+
+
+def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {source: count - before.get(source, 0) for source, count in now.items()}
+
+
+async def measure(
+    sessions: int, rounds: int, behind: int, recent_s: float | None = None
+) -> dict[str, dict[str, Any]]:
+    settings = {} if recent_s is None else {"BRIDGE_SSE_RECENT_S": str(recent_s)}
     with tempfile.TemporaryDirectory(prefix="bench-reconnect-") as logs:
-        stack = Stack(log_dir=Path(logs), shapes=[(TOKENS, RATE)])
+        stack = Stack(log_dir=Path(logs), shapes=[(TOKENS, RATE)], settings=settings)
         await stack.start()
         try:
             names = [f"rc-{i}" for i in range(sessions)]
             await asyncio.gather(*(_finish_generation(stack, s) for s in names))
             cursors = {s: await _cursor(stack, s, behind) for s in names}
             figures = {}
+            before = await _catch_ups(stack)
             meter = Meter(stack.processes())
             waits = [await _reconnect(stack, s, cursors[s]) for _ in range(rounds) for s in names]
             cpu, _ = meter.stop()
             figures["one at a time"] = _figures(waits, cpu["serve"])
+            after = await _catch_ups(stack)
+            figures["one at a time"]["catch_ups"] = _since(after, before)
             meter = Meter(stack.processes())
             waits = []
             for _ in range(rounds):
                 waits += await asyncio.gather(*(_reconnect(stack, s, cursors[s]) for s in names))
             cpu, _ = meter.stop()
-            figures[f"bursts of {sessions}"] = _figures(waits, cpu["serve"])
+            burst = figures[f"bursts of {sessions}"] = _figures(waits, cpu["serve"])
+            burst["catch_ups"] = _since(await _catch_ups(stack), after)
             return figures
         finally:
             await stack.stop()
@@ -109,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=50, help="sessions (the burst size)")
     parser.add_argument("--rounds", type=int, default=4, help="reconnects per session and mode")
     parser.add_argument("--behind", type=int, default=5, help="tokens the reconnect catches up")
+    parser.add_argument(
+        "--recent-s", type=float, default=None, help="BRIDGE_SSE_RECENT_S (default: the bridge's)"
+    )
     args = parser.parse_args(argv)
-    figures = asyncio.run(measure(args.sessions, args.rounds, args.behind))
-    print("| reconnects | first token p50 ms | p99 ms | serve CPU us per reconnect |")
-    print("|---|---|---|---|")
+    figures = asyncio.run(measure(args.sessions, args.rounds, args.behind, args.recent_s))
+    print("| reconnects | first token p50 ms | p99 ms | serve CPU us per reconnect | catch-ups |")
+    print("|---|---|---|---|---|")
     for mode, row in figures.items():
         latency, cpu = row["first_token_ms"], row["serve_cpu_us_per_reconnect"]
-        print(f"| {mode} | {latency['p50']} | {latency['p99']} | {cpu} |")
+        counts = sorted(row["catch_ups"].items())
+        sources = ", ".join(f"{n} {source}" for source, n in counts if n)
+        print(f"| {mode} | {latency['p50']} | {latency['p99']} | {cpu} | {sources} |")
     return 0
 
 

@@ -75,6 +75,7 @@ class Stack:
     log_dir: Path
     shapes: list[tuple[int, float]]  # (tokens, rate) of every model the scenarios use
     layout: str = "split"
+    settings: dict[str, str] = field(default_factory=dict)  # BRIDGE_* for the bridge's processes
     redis_server: EmbeddedRedis | None = None
     redis: Redis | None = None
     upstream_port: int = 0
@@ -117,6 +118,7 @@ class Stack:
             BRIDGE_MODELS=",".join(model_route(t, r) for t, r in sorted({WARM_UP, *self.shapes})),
             OPENAI_BASE_URL=line.removeprefix("READY "),
             BRIDGE_LOG_FORMAT="json",
+            **self.settings,
         )
         serve = [sys.executable, "-m", "bridge.cli", "serve", "--port", str(self.bridge_port)]
         if self.layout == "split":

@@ -79,14 +79,19 @@ def test_fanout_cost_smoke_run_prints_every_design() -> None:
         assert all(figure > 0 for figure in figures), row
 
 
-def test_reconnect_cost_smoke_run_reports_both_modes() -> None:
-    """`python -m bench.reconnect_cost` runs (a few sessions) and reports a row per mode."""
-    done = run_module("bench.reconnect_cost", "--sessions", "3", "--rounds", "2")
+@pytest.mark.parametrize(("recent_s", "source"), [("0", "redis"), ("600", "memory")])
+def test_reconnect_cost_smoke_run_reports_both_modes(recent_s: str, source: str) -> None:
+    """`python -m bench.reconnect_cost` runs (a few sessions) and reports a row per mode,
+    with every catch-up answered by the source `--recent-s` chooses."""
+    done = run_module(
+        "bench.reconnect_cost", "--sessions", "3", "--rounds", "2", "--recent-s", recent_s
+    )
     assert done.returncode == 0, done.stderr
     rows = table_rows(done.stdout)
     assert [row[0].strip() for row in rows] == ["one at a time", "bursts of 3"]
     assert all(float(row[1]) > 0 for row in rows)  # a token came after every reconnect
     assert all(int(row[3]) >= 0 for row in rows)  # CPU is read in 10 ms ticks: may be 0 here
+    assert [row[4].strip() for row in rows] == [f"6 {source}", f"6 {source}"]
 
 
 def test_writer_cost_smoke_run_reports_every_write() -> None:

@@ -129,6 +129,8 @@ async def test_a_forgotten_session_and_a_zero_window_hold_nothing() -> None:
     off.record("s", "m", at(0), entries(1))
     assert off.entries == 0
     assert off.after("s", {"m": at(0)}, {"m"}) is None
+    assert recent.after("new", {}, set()) == []  # no stream yet: nothing to catch up
+    assert off.after("new", {}, set()) is None  # turned off, Redis answers even that
     recent.close()
 
 

@@ -116,6 +116,8 @@ class Recent:
         A model missing from the cursor needs its stream held from its first entry; no models
         at all (a new session) need nothing.
         """
+        if self._window_s <= 0:
+            return None  # turned off: Redis answers every catch-up
         streams = self._sessions.get(session, {})
         found: list[Envelope] = []
         for model in sorted(models):
