@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from bridge.connections.recent import Recent
 from bridge.connections.subscriber import Envelope
 from bridge.streams.codec import EntryId, EventType, StreamEvent
@@ -145,4 +147,18 @@ async def test_clearing_drops_every_session() -> None:
     assert recent.after("t", {"m": at(0)}, {"m"}) is None
     recent.record("s", "m", at(0), entries(1))  # and it holds again what comes next
     assert recent.after("s", {"m": at(0)}, {"m"}) is not None
+    recent.close()
+
+
+async def test_held_entries_add_nothing_for_the_cycle_collector_to_walk() -> None:
+    """Thousands of entries held for seconds would reach the collector's oldest generation,
+    and each full collection would walk them all (pauses of tens of milliseconds)."""
+    recent = Recent(window_s=60, most=100_000)
+    gc.collect()
+    before = len(gc.get_objects())
+    for seq in range(1, 2001):
+        recent.record("s", "m", at(seq - 1), entries(seq))
+    gc.collect()
+    assert recent.entries == 2000
+    assert len(gc.get_objects()) - before < 50
     recent.close()

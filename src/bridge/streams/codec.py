@@ -43,8 +43,13 @@ TERMINAL = frozenset({EventType.COMPLETE, EventType.ERROR, EventType.CANCELLED})
 _TYPES = {t.value: t for t in EventType}
 
 
-class StreamEvent(msgspec.Struct, frozen=True):
-    """One event of a generation, as stored in a token stream."""
+class StreamEvent(msgspec.Struct, frozen=True, gc=False):
+    """One event of a generation, as stored in a token stream.
+
+    Not tracked by the cycle collector (it refers to no object that could refer back to
+    it): the events a process holds for a while (`connections/recent.py`) would otherwise
+    reach the oldest generation, and every full collection would walk them.
+    """
 
     type: EventType
     request_id: str
