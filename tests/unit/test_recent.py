@@ -84,6 +84,10 @@ async def test_at_most_a_number_of_entries_per_stream_is_held() -> None:
     assert recent.after("s", {"m": at(1)}, {"m"}) is None
     assert seqs(recent.after("s", {"m": at(2)}, {"m"})) == [3, 4]
     assert recent.entries == 2
+    recent.record("s", "m", at(4), entries(5, 6, 7, 8))  # a batch larger than `most` goes whole
+    assert recent.entries == 0
+    assert recent.after("s", {"m": at(8)}, {"m"}) == []  # nothing after 8, known to be so
+    assert recent.after("s", {"m": at(7)}, {"m"}) is None
     recent.close()
 
 

@@ -56,15 +56,16 @@ class _Stream:
         return self.ids[-1] if self.ids else self.since
 
     def add(self, now: float, envelopes: list[Envelope], most: int, oldest: float) -> None:
-        self.ids.extend(env.entry_id for env in envelopes)
-        self.events.extend(env.event for env in envelopes)
-        self.stamps.append((now, len(envelopes)))
-        stamps = self.stamps
-        while stamps and (len(self.ids) > most or stamps[0][0] < oldest):
+        ids, events, stamps = self.ids, self.events, self.stamps
+        for env in envelopes:  # a loop, not two generators: most batches hold one entry
+            ids.append(env.entry_id)
+            events.append(env.event)
+        stamps.append((now, len(envelopes)))
+        while stamps and (len(ids) > most or stamps[0][0] < oldest):
             _, count = stamps.popleft()
             for _ in range(count):
-                self.since = self.ids.popleft()
-                self.events.popleft()
+                self.since = ids.popleft()
+                events.popleft()
 
     def after(self, entry_id: EntryId) -> list[Envelope]:
         held = zip(self.ids, self.events, strict=True)
