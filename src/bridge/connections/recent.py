@@ -14,7 +14,10 @@ at or before the client's cursor and the cursor is not past what was delivered; 
 of this one) reads Redis as before. A session's memory goes when its tailing stops: tailed
 again, the reader starts from the streams' ends, which need not continue it. All of it goes
 when the reader's connection to Redis is lost: Redis may have restarted without the entries,
-and the catch-up must then report the `gap` a read of Redis would.
+and the catch-up must then report the `gap` a read of Redis would. For the same reason a
+run begun after such a loss does not answer a cursor at its very start: the reader read on
+from the position it had, and whether the entries after it continue the stream Redis had
+is what only Redis can say (a `gap`); a cursor past that start has had an entry since.
 
 Bounded twice: `most` entries per stream (a fast answer's burst), and `window_s` seconds
 (memory in proportion to the token rate, not to how many sessions are open).
@@ -42,11 +45,12 @@ _START: EntryId = (0, 0)  # before every entry: a stream held from its first one
 class _Stream:
     """One stream's delivered entries after `since`, in order, and when each batch came."""
 
-    __slots__ = ("events", "ids", "model", "since", "stamps")
+    __slots__ = ("doubtful", "events", "ids", "model", "since", "stamps")
 
-    def __init__(self, model: str, since: EntryId) -> None:
+    def __init__(self, model: str, since: EntryId, *, doubtful: bool) -> None:
         self.model = model
         self.since = since
+        self.doubtful = doubtful  # begun after a lost connection: `since` may be pre-restart
         self.ids: deque[EntryId] = deque()
         self.events: deque[StreamEvent] = deque()
         self.stamps: deque[tuple[float, int]] = deque()  # (when, entries) per batch
@@ -54,6 +58,12 @@ class _Stream:
     @property
     def last(self) -> EntryId:
         return self.ids[-1] if self.ids else self.since
+
+    def holds_after(self, position: EntryId) -> bool:
+        """Whether every entry after `position` is held."""
+        if self.doubtful:
+            return self.since < position <= self.last
+        return self.since <= position <= self.last
 
     def add(self, now: float, envelopes: list[Envelope], most: int, oldest: float) -> None:
         ids, events, stamps = self.ids, self.events, self.stamps
@@ -86,6 +96,7 @@ class Recent:
         self._sessions: dict[str, dict[str, _Stream]] = {}
         self._updated: dict[str, float] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._lost = False  # the reader lost Redis once: runs begun since are doubtful
 
     @property
     def entries(self) -> int:
@@ -105,7 +116,7 @@ class Recent:
         self._updated[session] = now
         stream = streams.get(model)
         if stream is None or stream.last != after:
-            stream = streams[model] = _Stream(model, after)
+            stream = streams[model] = _Stream(model, after, doubtful=self._lost)
         stream.add(now, envelopes, self._most, now - self._window_s)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._window_s, self._swept)
@@ -120,6 +131,7 @@ class Recent:
         persistence), and a catch-up must then say so (a `gap`), as a read of Redis would."""
         self._sessions.clear()
         self._updated.clear()
+        self._lost = True
 
     def after(self, session: str, cursor: Cursor, models: Iterable[str]) -> list[Envelope] | None:
         """Every entry of `models` after `cursor`, model by model; None unless all are held.
@@ -134,7 +146,7 @@ class Recent:
         for model in sorted(models):
             stream = streams.get(model)
             position = cursor.get(model, _START)
-            if stream is None or not stream.since <= position <= stream.last:
+            if stream is None or not stream.holds_after(position):
                 return None
             found.extend(stream.after(position))
         return found
