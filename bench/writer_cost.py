@@ -7,8 +7,7 @@ live token per session at a time, as the fan-out reader does, and lets every str
 The figure is the process's CPU per delivered token: the hub's delivery (with the keeping of
 recent entries for reconnects), the wake-up of each connection's task (ASGI streams only), the
 encoding (once per event) and the metrics, everything of the live path but the server's write
-and the kernel's. S2's serve figure minus
-this one is what the socket writes cost.
+and the kernel's. S2's serve figure minus this one is what the socket writes cost.
 """
 
 from __future__ import annotations
