@@ -10,10 +10,10 @@ from bridge.streams.codec import EntryId, EventType, StreamEvent
 from tests.faults import wait_until
 
 
-def entries(*seqs: int, model: str = "m") -> list[Envelope]:
+def entries(*seqs: int) -> list[tuple[EntryId, StreamEvent]]:
+    """A batch as the fan-out reader delivers it: (entry id, event) in stream order."""
     return [
-        Envelope(model, (1000, seq), StreamEvent(EventType.TOKEN, "r", seq, 1.0, content=f"t{seq}"))
-        for seq in seqs
+        (at(seq), StreamEvent(EventType.TOKEN, "r", seq, 1.0, content=f"t{seq}")) for seq in seqs
     ]
 
 
@@ -67,8 +67,8 @@ async def test_a_batch_that_does_not_continue_the_stream_starts_it_anew() -> Non
 
 async def test_every_model_of_the_session_must_be_held() -> None:
     recent = Recent(window_s=60)
-    recent.record("s", "a", at(0), entries(1, 2, model="a"))
-    recent.record("s", "b", at(0), entries(1, model="b"))
+    recent.record("s", "a", at(0), entries(1, 2))
+    recent.record("s", "b", at(0), entries(1))
     cursor = {"a": at(1), "b": at(0)}
     found = recent.after("s", cursor, {"a", "b"})
     assert found is not None

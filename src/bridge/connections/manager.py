@@ -127,9 +127,12 @@ class ConnectionManager:
         self, session: str, model: str, after: EntryId, batch: list[tuple[EntryId, StreamEvent]]
     ) -> None:
         """Hand live events to every local connection of `session` (the reader's callback)."""
+        self.recent.record(session, model, after, batch)
+        subs = self._sessions.get(session)
+        if not subs:
+            return
         envelopes = [Envelope(model, entry_id, event) for entry_id, event in batch]
-        self.recent.record(session, model, after, envelopes)
-        for sub in self._sessions.get(session, ()):
+        for sub in subs:
             if sub.closed is None and not sub.offer(envelopes):
                 self.overflows += 1
                 log.info("slow_consumer_closed", connection_id=sub.id, queued=sub.queued)

@@ -39,6 +39,7 @@ from bridge.streams.codec import Cursor, EntryId, StreamEvent
 
 from .subscriber import Envelope
 
+Batch = list[tuple[EntryId, StreamEvent]]  # (entry id, event) in stream order, as delivered
 _START: EntryId = (0, 0)  # before every entry: a stream held from its first one
 
 
@@ -65,12 +66,12 @@ class _Stream:
             return self.since < position <= self.last
         return self.since <= position <= self.last
 
-    def add(self, now: float, envelopes: list[Envelope], most: int, oldest: float) -> None:
+    def add(self, now: float, batch: Batch, most: int, oldest: float) -> None:
         ids, events, stamps = self.ids, self.events, self.stamps
-        for env in envelopes:  # a loop, not two generators: most batches hold one entry
-            ids.append(env.entry_id)
-            events.append(env.event)
-        stamps.append((now, len(envelopes)))
+        for entry_id, event in batch:  # a loop, not two generators: most batches hold one
+            ids.append(entry_id)
+            events.append(event)
+        stamps.append((now, len(batch)))
         while stamps and (len(ids) > most or stamps[0][0] < oldest):
             _, count = stamps.popleft()
             for _ in range(count):
@@ -103,9 +104,9 @@ class Recent:
         """Entries held, all sessions together."""
         return sum(len(s.ids) for streams in self._sessions.values() for s in streams.values())
 
-    def record(self, session: str, model: str, after: EntryId, envelopes: list[Envelope]) -> None:
-        """Keep `envelopes`, the entries of `session`'s `model` stream after `after`."""
-        if self._window_s <= 0 or not envelopes:
+    def record(self, session: str, model: str, after: EntryId, batch: Batch) -> None:
+        """Keep `batch`, the entries of `session`'s `model` stream after `after`."""
+        if self._window_s <= 0 or not batch:
             return
         now = self._clock()
         streams = self._sessions.get(session)
@@ -117,7 +118,7 @@ class Recent:
         stream = streams.get(model)
         if stream is None or stream.last != after:
             stream = streams[model] = _Stream(model, after, doubtful=self._lost)
-        stream.add(now, envelopes, self._most, now - self._window_s)
+        stream.add(now, batch, self._most, now - self._window_s)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._window_s, self._swept)
 
