@@ -84,8 +84,9 @@ CONNECTIONS_CLOSED = Counter(
 )
 CATCH_UPS = Counter(
     "bridge_catch_ups_total",
-    "Catch-ups of stream connections, by source: memory (the entries this process holds of "
-    "the session's recent past cover the cursor: no Redis read) or redis.",
+    "Catch-up reads of stream connections (a push stream reads again when entries arrived "
+    "during its read), by source: memory (the entries this process holds of the session's "
+    "recent past cover the cursor: no Redis read) or redis.",
     ["source"],
     registry=REGISTRY,
 )
