@@ -126,3 +126,26 @@ async def test_send_now_read_later_keeps_replies_in_order(
 async def test_reading_before_anything_was_sent_is_an_error(redis: aioredis.Redis) -> None:
     with pytest.raises(RedisConnectionError):
         await RawConnection(redis, name="TEST").read()
+
+
+async def test_a_connection_the_server_closed_is_made_anew_by_the_next_call(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """Killed while idle, the connection is noticed closed and the next call reconnects; a
+    call under way when it is killed fails with redis-py's ConnectionError."""
+    raw = RawConnection(redis, name="TEST")
+    (first_id,) = await raw.call(pack("CLIENT", "ID"))
+    await redis.client_kill_filter(_id=first_id)
+    for _ in range(100):
+        if not raw.connected:
+            break
+        await asyncio.sleep(0.01)
+    assert not raw.connected
+    (second_id,) = await raw.call(pack("CLIENT", "ID"))
+    assert second_id != first_id
+    blocked = asyncio.create_task(raw.call(pack("BLPOP", f"{key_prefix}list", 5)))
+    await asyncio.sleep(0.1)
+    await redis.client_kill_filter(_id=second_id)
+    with pytest.raises(RedisConnectionError):
+        await blocked
+    assert await raw.call(pack("PING")) == [b"PONG"]
