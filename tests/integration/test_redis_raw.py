@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.redis_raw import RawConnection, pack
 from bridge.redis_select import make_client
 from bridge.settings import Settings
+from tests.redis_fixtures import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +155,71 @@ async def test_a_connection_the_server_closed_is_made_anew_by_the_next_call(
     with pytest.raises(RedisConnectionError):
         await blocked
     assert await raw.call(pack("PING")) == [b"PONG"]
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A redis-server speaking TLS only, with a self-signed certificate: (URL, CA file).
+    Skipped where redis-server or openssl is missing, or the server was built without TLS."""
+    server, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if server is None or openssl is None:
+        pytest.skip("needs redis-server and openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *(server, "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"),
+                *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+                *("--tls-ca-cert-file", str(cert), "--save", "", "--appendonly", "no"),
+                *("--dir", str(tmp_path)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                pytest.skip(f"redis-server without TLS: {log.read_text()[-300:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"rediss://127.0.0.1:{port}", str(cert)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_a_tls_connection_is_taken_over_like_a_plain_one(
+    tls_redis: tuple[str, str],
+) -> None:
+    """Over TLS, the connection redis-py made (handshake included) carries the packed
+    commands: pipelined replies, a reply larger than a TLS record, a read after a send, and
+    closing the client closes it."""
+    url, ca_file = tls_redis
+    client = aioredis.Redis.from_url(url, ssl_ca_certs=ca_file)
+    try:
+        raw = RawConnection(client, name="TEST")
+        big = "x" * 100_000
+        assert await raw.call([pack("PING"), pack("ECHO", big)], 2) == [b"PONG", big.encode()]
+        await raw.send(pack("BLPOP", "tls-list", "0.1"))
+        assert await raw.read() is None
+        assert raw.connected
+    finally:
+        await client.aclose()
+    assert not raw.connected
