@@ -35,6 +35,7 @@ from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.redis_metrics import observe_command, record_failure
+from bridge.write_flow import WriteFlow
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ def pack(*args: bytes | str | int) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args)
 
 
-class _Replies(asyncio.Protocol):
+class _Replies(WriteFlow):
     """Parses the replies of a connection taken over from redis-py, in arrival order.
 
     An error reply is parsed into redis-py's exception for it (`NoScriptError`, ...) and
@@ -78,7 +79,6 @@ class _Replies(asyncio.Protocol):
         self._parser = hiredis.Reader(**options)
         self._replies: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
         self.lost: Exception | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -101,14 +101,6 @@ class _Replies(asyncio.Protocol):
         self._wake()
         self._replaced.connection_lost(exc)
 
-    def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
-
     @property
     def closed(self) -> bool:
         return self.lost is not None or self.transport.is_closing()
@@ -120,8 +112,7 @@ class _Replies(asyncio.Protocol):
             self.transport.writelines(packed)
         else:
             self.transport.write(packed)
-        if self._drained is not None:
-            await asyncio.shield(self._drained)
+        await self.drained()
 
     @property
     def ready(self) -> bool:

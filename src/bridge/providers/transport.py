@@ -24,10 +24,12 @@ from typing import cast
 import httptools
 import httpx
 
+from bridge.write_flow import WriteFlow
+
 _READ_HIGH_WATER = 1 << 20  # stop reading the socket past this much unread body
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WriteFlow):
     """One HTTP/1.1 connection: parses responses as bytes arrive, buffers body chunks."""
 
     def __init__(self, key: tuple[str, str, int]) -> None:
@@ -36,7 +38,6 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
         self._last_read = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -62,14 +63,6 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
-
-    def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
@@ -151,11 +144,6 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
-
-    async def drained(self) -> None:
-        """Wait until the transport takes writes again (a request larger than its buffer)."""
-        if self._drained is not None:
-            await asyncio.shield(self._drained)
 
     def watch_reads(self, timeout: float | None) -> None:
         """Fail a waiting read with ReadTimeout once nothing arrived for `timeout` seconds.
