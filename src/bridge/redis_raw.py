@@ -167,8 +167,7 @@ class RawConnection:
             # Checked out of the client's pool for good: closing the client closes it too.
             self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
-        # No socket timeout inside redis-py: `call` bounds the whole exchange itself.
-        conn.socket_timeout = None
+        # redis-py's own timeouts bound its connect and handshake; later reads are ours
         await conn.disconnect(nowait=True)  # what is left of the last transport, if any
         self._replies = None
         await conn.connect()

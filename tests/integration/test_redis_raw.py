@@ -223,3 +223,31 @@ async def test_a_tls_connection_is_taken_over_like_a_plain_one(
     finally:
         await client.aclose()
     assert not raw.connected
+
+
+async def test_a_server_that_accepts_but_never_answers_fails_the_call_in_time(
+    settings: Settings,
+) -> None:
+    """Connecting includes redis-py's handshake: a server that takes the connection and
+    says nothing fails the call within the client's timeouts, never hangs it."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(-1)  # takes what it is sent, answers nothing
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = make_client(f"redis://127.0.0.1:{port}", settings, socket_timeout=0.3, retries=0)
+    try:
+        raw = RawConnection(client, name="TEST")
+        started = time.monotonic()
+        with pytest.raises((RedisTimeoutError, RedisConnectionError)):
+            await raw.call(pack("PING"), timeout_s=0.5)
+        assert time.monotonic() - started < 5
+        assert not raw.connected
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
