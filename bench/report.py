@@ -127,7 +127,9 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
         cpu = fig["cpu_us_per_token"]
         cpu_rows.append([
             name, cpu.get("serve"), cpu.get("worker"), cpu.get("bridge"), cpu.get("redis"),
-            cpu.get("upstream"), cpu.get("loadgen"), fig["tokens_per_s"], fig.get("pace"),
+            cpu.get("upstream"), cpu.get("loadgen"),
+            _ratio(cpu.get("bridge") or 0.0, cpu.get("upstream") or 0.0),
+            fig["tokens_per_s"], fig.get("pace"),
         ])  # fmt: skip
     if latency_rows:
         out += [
@@ -141,13 +143,15 @@ def markdown(meta: Figures, summary: dict[str, Figures], runs: dict[str, list[Fi
             latency_rows,
         )  # fmt: skip
         out += [
-            "**CPU microseconds per delivered token**; pace: the rate the answers were"
-            " generated at, as a fraction of the scenario's",
+            "**CPU microseconds per delivered token**; x upstream = bridge / upstream, the"
+            " fake upstream's code being the same in every run (it moves less with the"
+            " machine's speed); pace: the rate the answers were generated at, as a fraction"
+            " of the scenario's",
             "",
         ]
         out += _table(
-            ["scenario", "serve", "worker", "bridge", "redis", "upstream", "loadgen", "tokens/s",
-             "pace"],
+            ["scenario", "serve", "worker", "bridge", "redis", "upstream", "loadgen",
+             "x upstream", "tokens/s", "pace"],
             cpu_rows,
         )  # fmt: skip
     if "S4" in summary and "reconnect_first_token_ms" in summary["S4"]:
