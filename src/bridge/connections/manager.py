@@ -10,7 +10,7 @@ import structlog
 
 from bridge import metrics
 from bridge.errors import CloseReason, RateLimited
-from bridge.streams.codec import Cursor, EntryId, StreamEvent
+from bridge.streams.codec import Batch, Cursor, EntryId
 
 from .recent import Recent
 from .subscriber import Envelope, Subscriber
@@ -123,9 +123,7 @@ class ConnectionManager:
         if self.tracker is not None:
             self.tracker.untrack(session)
 
-    def deliver(
-        self, session: str, model: str, after: EntryId, batch: list[tuple[EntryId, StreamEvent]]
-    ) -> None:
+    def deliver(self, session: str, model: str, after: EntryId, batch: Batch) -> None:
         """Hand live events to every local connection of `session` (the reader's callback)."""
         self.recent.record(session, model, after, batch)
         subs = self._sessions.get(session)

@@ -35,11 +35,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from bridge.streams.codec import Cursor, EntryId, StreamEvent
+from bridge.streams.codec import Batch, Cursor, EntryId, StreamEvent
 
 from .subscriber import Envelope
 
-Batch = list[tuple[EntryId, StreamEvent]]  # (entry id, event) in stream order, as delivered
 _START: EntryId = (0, 0)  # before every entry: a stream held from its first one
 
 

@@ -63,6 +63,10 @@ class StreamEvent(msgspec.Struct, frozen=True, gc=False):
         return self.type in TERMINAL
 
 
+Batch = list[tuple[EntryId, StreamEvent]]
+"""Entries of one stream as the fan-out reader delivers them: (entry id, event), in order."""
+
+
 def now_ms() -> float:
     """Wall-clock time as epoch milliseconds with microsecond precision."""
     return round(time.time() * 1000.0, 3)

@@ -44,12 +44,12 @@ from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
 from bridge.redis_raw import RawConnection, bulk, pack
-from bridge.streams.codec import EntryId, StreamEvent, from_fields, parse_entry_id
+from bridge.streams.codec import Batch, EntryId, StreamEvent, from_fields, parse_entry_id
 from bridge.streams.keys import Keys, indexed_model, is_safe_id
 
 log = structlog.get_logger("bridge.fanout")
 
-Deliver = Callable[[str, str, EntryId, list[tuple[EntryId, StreamEvent]]], None]
+Deliver = Callable[[str, str, EntryId, Batch], None]
 """deliver(session, model, after, [(entry id, event), ...]) is called in stream order; the
 entries are every one of the stream's after `after` (the reader's position before them) up to
 the last, but for malformed ones skipped."""
@@ -276,7 +276,7 @@ class FanoutReader:
             picked = [entries[index - 1] for index in indexes]
         except (msgspec.DecodeError, IndexError) as exc:
             return self._malformed(session, exc)
-        batch: list[tuple[EntryId, StreamEvent]] = []
+        batch: Batch = []
         for raw_id, entry in zip(ids, picked, strict=True):
             entry_id = parse_entry_id(raw_id)
             if entry_id <= position:
@@ -337,7 +337,7 @@ class FanoutReader:
     def _on_stream(
         self, session: str, model: str, entries: list[list[Any]], position: EntryId
     ) -> None:
-        batch: list[tuple[EntryId, StreamEvent]] = []
+        batch: Batch = []
         for raw_id, flat in entries:
             entry_id = parse_entry_id(raw_id)
             if entry_id <= position:
