@@ -82,3 +82,14 @@ async def test_a_connection_failure_fails_every_call_of_the_batch(settings: Sett
     finally:
         await client.aclose()
     assert all(isinstance(r, RedisConnectionError) for r in results), results
+
+
+async def test_a_head_packed_once_serves_calls_that_add_the_last_arguments(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """`head` packs the keys and leading arguments once; each `call` appends its own."""
+    batcher = ScriptBatcher(redis, "return {KEYS[1], ARGV[1], ARGV[2], ARGV[3], #ARGV}")
+    head = batcher.head([f"{key_prefix}k"], ["lead"], more=2)
+    first, second = await asyncio.gather(batcher.call(head, ["a", 1]), batcher.call(head, ["b", 2]))
+    assert first == [f"{key_prefix}k".encode(), b"lead", b"a", b"1", 3]
+    assert second == [f"{key_prefix}k".encode(), b"lead", b"b", b"2", 3]

@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 
 from bridge.redis_raw import RawConnection, bulk
 
-_Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+_Call = tuple[bytes, "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
@@ -40,9 +40,18 @@ class ScriptBatcher:
         self._sender: asyncio.Task[None] | None = None
         self.round_trips = 0
 
+    def head(self, keys: Sequence[Any], args: Sequence[Any], *, more: int = 0) -> bytes:
+        """A call's keys and first `args` packed, for `call` to add the `more` others to."""
+        parts = [bulk(len(keys)), *map(bulk, keys), *map(bulk, args)]
+        return b"".join((b"*%d\r\n" % (len(parts) + 2 + more), self._evalsha, *parts))
+
     async def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return await self.call(self.head(keys, args))
+
+    async def call(self, head: bytes, more: Sequence[Any] = ()) -> Any:
+        """The script's result for `head` (see `head`) followed by the arguments `more`."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
+        self._queue.append((head + b"".join(map(bulk, more)) if more else head, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_all(), name="script-batcher")
         return await future
@@ -56,18 +65,12 @@ class ScriptBatcher:
         finally:
             self._sender = None
 
-    def _packed(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
-        parts = [bulk(len(keys)), *map(bulk, keys), *map(bulk, args)]
-        return b"".join((b"*%d\r\n" % (len(parts) + 2), self._evalsha, *parts))
-
     async def _send(self, batch: list[_Call], *, reload: bool) -> None:
         try:
-            results = await self._connection.call(
-                [self._packed(keys, args) for keys, args, _ in batch], len(batch)
-            )
+            results = await self._connection.call([packed for packed, _ in batch], len(batch))
             self.round_trips += 1
         except BaseException as exc:
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -75,7 +78,7 @@ class ScriptBatcher:
             return
         missing: list[_Call] = []
         for call, result in zip(batch, results, strict=True):
-            future = call[2]
+            future = call[1]
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(result, NoScriptError) and reload:
@@ -88,7 +91,7 @@ class ScriptBatcher:
             try:
                 await self._redis.script_load(self._registered.script)
             except BaseException as exc:
-                for _, _, future in missing:
+                for _, future in missing:
                     if not future.done():
                         future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +41,11 @@ _encode = msgspec.json.Encoder().encode
 
 APPEND_SCRIPT = """
 -- KEYS: stream, generation hash, usage hash
--- ARGV: epoch, maxlen, ttl, model, final status ("" if none), session token limit
---       (0: none), entries as one JSON array of [seq, is_token, field, value, ...]
+-- ARGV: epoch, maxlen, model, session token limit (0: none), the session's live channel
+--       (the same for every append of a generation: packed once), then ttl, final status
+--       ("" if none), entries as one JSON array of [seq, is_token, field, value, ...]
 --       (one argument instead of a dozen per entry: packing arguments was the client's
---       largest cost per token), the session's live channel
+--       largest cost per token)
 -- Returns {last stored seq, 1 if the session token limit stopped the batch else 0}.
 local state = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'status', 'tokens')
 local epoch = state[1]
@@ -54,13 +56,13 @@ local last_seq = tonumber(state[2] or '0')
 local status = state[3]
 if status == 'complete' or status == 'error' or status == 'cancelled' then
   local newest = 0
-  for _, entry in ipairs(cjson.decode(ARGV[7])) do newest = math.max(newest, entry[1]) end
+  for _, entry in ipairs(cjson.decode(ARGV[8])) do newest = math.max(newest, entry[1]) end
   if newest <= last_seq then
     return {last_seq, 0}  -- a retry of a batch that is already stored: nothing to do
   end
   return redis.error_reply('FENCED generation already ended: ' .. status)
 end
-local limit = tonumber(ARGV[6])
+local limit = tonumber(ARGV[4])
 local used = 0
 if limit > 0 then used = tonumber(redis.call('HGET', KEYS[3], '*') or '0') end
 local tokens = 0
@@ -68,7 +70,7 @@ local limited = 0
 local prev = nil
 local indexes = {}
 local ids = {}
-for i, entry in ipairs(cjson.decode(ARGV[7])) do
+for i, entry in ipairs(cjson.decode(ARGV[8])) do
   local seq = entry[1]
   local is_token = entry[2] == 1
   if seq > last_seq then
@@ -92,9 +94,9 @@ for i, entry in ipairs(cjson.decode(ARGV[7])) do
 end
 if prev ~= nil then
   -- what the fan-out readers deliver from (see streams/fanout.py): model, the stream's
-  -- last id before this append, which entries of ARGV[7] were written, their ids, ARGV[7]
-  redis.call('PUBLISH', ARGV[8], ARGV[4] .. '\\n' .. prev .. '\\n' .. table.concat(indexes, ' ')
-    .. '\\n' .. table.concat(ids, ' ') .. '\\n' .. ARGV[7])
+  -- last id before this append, which entries of ARGV[8] were written, their ids, ARGV[8]
+  redis.call('PUBLISH', ARGV[5], ARGV[3] .. '\\n' .. prev .. '\\n' .. table.concat(indexes, ' ')
+    .. '\\n' .. table.concat(ids, ' ') .. '\\n' .. ARGV[8])
 end
 -- the generation's fields in one HSET (fewer calls: each costs the script more than the
 -- command itself)
@@ -102,18 +104,18 @@ local fields = {'HSET', KEYS[2], 'seq', last_seq}
 if tokens > 0 then
   fields[#fields + 1] = 'tokens'
   fields[#fields + 1] = tonumber(state[4] or '0') + tokens
-  redis.call('HINCRBY', KEYS[3], ARGV[4], tokens)
+  redis.call('HINCRBY', KEYS[3], ARGV[3], tokens)
   redis.call('HINCRBY', KEYS[3], '*', tokens)
 end
-local ending = ARGV[5] ~= '' and limited == 0
+local ending = ARGV[7] ~= '' and limited == 0
 if ending then
   fields[#fields + 1] = 'status'
-  fields[#fields + 1] = ARGV[5]
+  fields[#fields + 1] = ARGV[7]
 end
 redis.call(unpack(fields))
-if ending then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+if ending then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
 -- Always: while a generation runs this also raises a short TTL an earlier one's end set.
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 return {last_seq, limited}
 """
 
@@ -136,6 +138,8 @@ class StreamProducer:
         self._settings = settings
         # appends of all this process's generations share round trips (see batching)
         self._script = ScriptBatcher(redis, APPEND_SCRIPT)
+        # the keys and leading arguments of a generation's appends, packed once for all
+        self._append_head = functools.lru_cache(maxsize=4096)(self._pack_append_head)
 
     def writer(
         self, ctx: GenerationContext, *, last_seq: int = 0, chain: Processor | None = None
@@ -161,29 +165,30 @@ class StreamProducer:
             [event.seq, 1 if event.type is EventType.TOKEN else 0, *to_fields(event)]
             for event in events
         ]
-        limit = self._settings.session_token_limit
-        args = [
-            epoch,
-            self._settings.stream_maxlen,
-            ttl,
-            model,
-            final,
-            limit,
-            _encode(entries),
-            self._keys.live_channel(session),
-        ]
-        keys = [
-            self._keys.stream(session, model),
-            self._keys.generation(request_id),
-            self._keys.usage(session),
-        ]
+        head = self._append_head(session, model, request_id, epoch)
         try:
-            last_seq, limited = await self._script(keys=keys, args=args)
+            last_seq, limited = await self._script.call(head, (ttl, final, _encode(entries)))
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(f"generation {request_id}: {exc}") from None
             raise
         return Stored(int(last_seq), bool(limited))
+
+    def _pack_append_head(self, session: str, model: str, request_id: str, epoch: int) -> bytes:
+        keys = (
+            self._keys.stream(session, model),
+            self._keys.generation(request_id),
+            self._keys.usage(session),
+        )
+        settings = self._settings
+        args = (
+            epoch,
+            settings.stream_maxlen,
+            model,
+            settings.session_token_limit,
+            self._keys.live_channel(session),
+        )
+        return self._script.head(keys, args, more=3)
 
     @property
     def active_ttl(self) -> int:
