@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import signal
 import socket
 import sys
@@ -304,6 +305,45 @@ async def test_split_crlf_lines_and_midstream_error_objects_are_parsed(piece: in
     assert _texts(seen) == ["Hel", "lo"]
     assert caught.value.code == "provider_protocol_error"
     assert "overloaded [redacted]" in caught.value.message
+
+
+async def test_a_compressed_answer_is_decoded() -> None:
+    """An upstream that gzips its stream (its body is read through httpx's decoders, not
+    straight from the transport) still gives every delta."""
+    events = b"".join(
+        f'data: {{"choices":[{{"index":0,"delta":{{"content":"w{i} "}}}}]}}\n\n'.encode()
+        for i in range(3)
+    )
+    body = gzip.compress(
+        events + b'data: {"choices":[{"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    head = (
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    answered = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + body)
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+        await writer.wait_closed()
+        answered.set()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAIProvider(f"http://127.0.0.1:{port}/v1", KEY, 2, 2)
+    try:
+        items = await _collect(provider, _request())
+    finally:
+        await provider.aclose()
+        server.close()
+    await asyncio.wait_for(answered.wait(), 5)
+    assert _texts(items) == ["w0 ", "w1 ", "w2 "]
+    assert items[-1] == Finish(reason="stop")
 
 
 async def test_owned_client_is_closed_by_aclose(upstream: FakeUpstream) -> None:

@@ -18,7 +18,7 @@ import msgspec
 
 from bridge.errors import ConfigError, ProviderError, ProviderTimeout, ProviderUnavailable
 from bridge.providers.base import Delta, Finish, ProviderRequest, Usage
-from bridge.providers.transport import StreamingTransport
+from bridge.providers.transport import StreamingTransport, raw_chunks
 
 _MAX_LINE_BYTES = 1 << 20  # a longer SSE line means the upstream is not speaking SSE
 _MAX_ERROR_BYTES = 64 * 1024
@@ -222,7 +222,7 @@ class OpenAIProvider:
             ) as response:
                 if not response.is_success:
                     raise await self._status_error(response)
-                chunks = response.aiter_bytes()
+                chunks = raw_chunks(response)
                 async for data in chunks:
                     for text in sse.feed(data):
                         yield Delta(text)
