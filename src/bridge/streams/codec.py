@@ -94,18 +94,24 @@ def to_fields(event: StreamEvent) -> list[str]:
 def from_fields(fields: dict[bytes, bytes]) -> StreamEvent:
     """Decode a stream entry; raise MalformedEntry for anything that is not a known event."""
     try:
-        kind = _TYPES[fields[b"t"].decode()]
-        data_raw = fields.get(b"d")
-        data = _json_decode(data_raw) if data_raw is not None else None
+        return from_text_fields({key.decode(): value.decode() for key, value in fields.items()})
+    except UnicodeDecodeError as exc:
+        raise MalformedEntry(f"undecodable stream entry: {exc!r}") from None
+
+
+def from_text_fields(fields: dict[str, str]) -> StreamEvent:
+    """`from_fields` for an entry whose fields are text already (the append's message)."""
+    try:
+        data_raw = fields.get("d")
         return StreamEvent(
-            type=kind,
-            request_id=fields[b"r"].decode(),
-            seq=int(fields[b"s"]),
-            ts=float(fields[b"ts"]),
-            content=fields.get(b"c", b"").decode(),
-            data=data,
+            type=_TYPES[fields["t"]],
+            request_id=fields["r"],
+            seq=int(fields["s"]),
+            ts=float(fields["ts"]),
+            content=fields.get("c", ""),
+            data=None if data_raw is None else _json_decode(data_raw),
         )
-    except (KeyError, ValueError, UnicodeDecodeError, msgspec.DecodeError) as exc:
+    except (KeyError, ValueError, msgspec.DecodeError) as exc:
         raise MalformedEntry(f"undecodable stream entry: {exc!r}") from None
 
 

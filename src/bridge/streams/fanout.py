@@ -44,7 +44,14 @@ from bridge import metrics
 from bridge.backoff import Backoff, raise_if_cancelling
 from bridge.errors import MalformedEntry
 from bridge.redis_raw import RawConnection, bulk, pack
-from bridge.streams.codec import Batch, EntryId, StreamEvent, from_fields, parse_entry_id
+from bridge.streams.codec import (
+    Batch,
+    EntryId,
+    StreamEvent,
+    from_fields,
+    from_text_fields,
+    parse_entry_id,
+)
 from bridge.streams.keys import Keys, indexed_model, is_safe_id
 
 log = structlog.get_logger("bridge.fanout")
@@ -88,7 +95,7 @@ class FanoutReader:
         self._channel_prefix = keys.live_channel("").encode()
         # the reader's own channel: subscribed from the start, so the connection always is
         self._own_channel = f"{keys.prefix}fanout:{uuid.uuid4().hex}".encode()
-        self._positions: dict[bytes, bytes] = {}  # stream key -> last entry id handled
+        self._positions: dict[bytes, EntryId] = {}  # stream key -> last entry id handled
         self._session_keys: dict[str, set[bytes]] = {}
         self._ready: set[str] = set()  # sessions whose tracking finished
         self._stream_owner: dict[bytes, tuple[str, str]] = {}  # stream key -> (session, model)
@@ -137,7 +144,7 @@ class FanoutReader:
         if self._session_keys.get(session) is not mine:  # untracked while we were reading
             return
         for model, last in zip(models, last_entries, strict=True):
-            self._add_stream(session, model, last[0][0] if last else b"0-0")
+            self._add_stream(session, model, parse_entry_id(last[0][0]) if last else (0, 0))
         self._ready.add(session)
 
     def untrack(self, session: str) -> None:
@@ -253,10 +260,11 @@ class FanoutReader:
         try:
             model_raw, prev_raw, indexes_raw, ids_raw, entries_raw = payload.split(b"\n", 4)
             model = model_raw.decode()
-            ids = ids_raw.split(b" ")
+            raw_ids = ids_raw.split(b" ")
+            ids = [parse_entry_id(raw_id) for raw_id in raw_ids]
             indexes = [int(index) for index in indexes_raw.split(b" ")]
             prev = parse_entry_id(prev_raw)
-            last = parse_entry_id(ids[-1])
+            last = ids[-1]
             if not is_safe_id(model) or len(indexes) != len(ids) or min(indexes) < 1:
                 raise ValueError("not the append script's message")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -265,8 +273,8 @@ class FanoutReader:
         if key not in self._stream_owner:
             # New to this reader: while the session's tracking is under way its catch-up covers
             # what came before this message; once tracked, a new stream is read from its start.
-            self._add_stream(session, model, b"0-0" if session in self._ready else prev_raw)
-        position = parse_entry_id(self._positions[key])
+            self._add_stream(session, model, (0, 0) if session in self._ready else prev)
+        position = self._positions[key]
         if prev > position:
             return [key]  # entries between the position and this append: read the stream
         if last <= position:
@@ -277,15 +285,14 @@ class FanoutReader:
         except (msgspec.DecodeError, IndexError) as exc:
             return self._malformed(session, exc)
         batch: Batch = []
-        for raw_id, entry in zip(ids, picked, strict=True):
-            entry_id = parse_entry_id(raw_id)
+        for raw_id, entry_id, entry in zip(raw_ids, ids, picked, strict=True):
             if entry_id <= position:
                 continue
             try:
                 batch.append((entry_id, _event(entry)))
             except MalformedEntry as exc:
                 self._skip_entry(model, raw_id, exc)
-        self._positions[key] = ids[-1]
+        self._positions[key] = last
         if batch:
             self._deliver(session, model, position, batch)
         return []
@@ -314,7 +321,8 @@ class FanoutReader:
 
     def _streams_command(self, keys: list[bytes]) -> bytes:
         """A non-blocking `XREAD` of `keys` (tailed, at least one) from their positions."""
-        packed = [bulk(key) for key in keys] + [bulk(self._positions[key]) for key in keys]
+        packed = [bulk(key) for key in keys]
+        packed += [bulk(b"%d-%d" % self._positions[key]) for key in keys]
         return b"".join((b"*%d\r\n" % (len(packed) + 4), self._streams_read, *packed))
 
     def _on_streams(self, reply: Any) -> list[bytes]:
@@ -325,9 +333,10 @@ class FanoutReader:
         for key, entries in reply or ():
             if key not in self._positions or not entries:
                 continue  # untracked while the read was in flight
-            position = parse_entry_id(self._positions[key])
-            if parse_entry_id(entries[-1][0]) > position:
-                self._positions[key] = entries[-1][0]
+            position = self._positions[key]
+            newest = parse_entry_id(entries[-1][0])
+            if newest > position:
+                self._positions[key] = newest
             session, model = self._stream_owner[key]
             self._on_stream(session, model, entries, position)
             if len(entries) >= self._count:
@@ -357,7 +366,7 @@ class FanoutReader:
         metrics.MALFORMED_ENTRIES.labels("fanout").inc()
         log.warning(event, error=str(exc), **fields)
 
-    def _add_stream(self, session: str, model: str, position: bytes) -> None:
+    def _add_stream(self, session: str, model: str, position: EntryId) -> None:
         key = self._keys.stream(session, model).encode()
         self._positions.setdefault(key, position)
         self._stream_owner[key] = (session, model)
@@ -380,6 +389,8 @@ def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
 
 def _event(entry: list[Any]) -> StreamEvent:
     """An entry of the append script's argument: `[seq, is_token, field, value, ...]`."""
-    if not all(isinstance(part, str) for part in entry[2:]):
+    parts = entry[2:]
+    if not all(isinstance(part, str) for part in parts):
         raise MalformedEntry("entry fields are not all strings")
-    return from_fields(_pairs([part.encode() for part in entry[2:]]))
+    it = iter(parts)
+    return from_text_fields(dict(zip(it, it, strict=False)))
