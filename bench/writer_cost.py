@@ -7,7 +7,9 @@ live token per session at a time, as the fan-out reader does, and lets every str
 The figure is the process's CPU per delivered token: the hub's delivery (with the keeping of
 recent entries for reconnects), the wake-up of each connection's task (ASGI streams only), the
 encoding (once per event) and the metrics, everything of the live path but the server's write
-and the kernel's. S2's serve figure minus this one is what the socket writes cost.
+and the kernel's. S2's serve figure minus this one is what the socket writes cost. The third
+row starts one step earlier, as `bridge serve` does: each token arrives as an append's pub/sub
+message, which the fan-out reader parses before it delivers (`--connections 1` is S1's shape).
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from bridge.connections.manager import ConnectionManager
 from bridge.connections.push import Pulse, PushStream
 from bridge.connections.sse import SSEStream
 from bridge.connections.subscriber import Envelope
 from bridge.errors import CloseReason
-from bridge.streams.codec import Cursor, EventType, StreamEvent
+from bridge.streams.codec import Cursor, EventType, StreamEvent, to_fields
+from bridge.streams.fanout import FanoutReader
+from bridge.streams.keys import Keys
 
 _RECENT_S = 5.0  # the default BRIDGE_SSE_RECENT_S: each delivery is also kept for reconnects
 
@@ -53,6 +59,11 @@ class _NullTransport(asyncio.Transport):
         pass
 
 
+class _NoConnection:
+    def listen(self, listener: Any) -> None:
+        pass
+
+
 def _deliver(manager: ConnectionManager, sessions: int, tokens: int) -> float:
     began = time.process_time()
     for seq in range(1, tokens + 1):
@@ -74,6 +85,42 @@ async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[f
             await stream.run(b"", _no_history, 1000)
     transport.writes = 0
     spent = _deliver(manager, sessions, tokens)
+    manager.close_all(CloseReason.CLIENT_GONE)
+    return spent * 1e6 / (sessions * connections * tokens), transport.writes
+
+
+async def _measure_messages(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
+    """Push streams fed as `bridge serve` feeds them: each token an append's pub/sub message
+    (the producer script's format) handed to the fan-out reader, which parses it and delivers."""
+    manager = ConnectionManager(queue_size=1024, recent_s=_RECENT_S)
+    keys = Keys("writer-cost:")
+    # the reader's connections are never used: its sessions are registered as tracked ones
+    reader = FanoutReader(_NoConnection(), None, None, keys, manager.deliver)  # type: ignore[arg-type]
+    transport = _NullTransport()
+    pulse = Pulse(60)
+    ms = int(time.time() * 1000)
+    for session in range(sessions):
+        for _ in range(connections):
+            sub = await manager.connect(f"s{session}", {})
+            stream = PushStream(sub, transport, manager=manager, pulse=pulse, max_behind=1024)
+            await stream.run(b"", _no_history, 1000)
+        reader._session_keys[f"s{session}"] = set()
+        reader._ready.add(f"s{session}")
+        reader._add_stream(f"s{session}", "m", (ms, 0))
+    messages = []
+    for seq in range(1, tokens + 1):
+        event = StreamEvent(EventType.TOKEN, "r" * 32, seq, ms + seq, content=f"t{seq} ")
+        entries = msgspec.json.encode([[seq, 1, *to_fields(event)]])
+        head = b"m\n%d-%d\n1\n%d-%d\n" % (ms, seq - 1, ms, seq)
+        messages += [
+            (keys.live_channel(f"s{session}").encode(), head + entries)
+            for session in range(sessions)
+        ]
+    transport.writes = 0
+    began = time.process_time()
+    for channel, payload in messages:
+        reader._on_reply([b"message", channel, payload])  # as the subscription hands it over
+    spent = time.process_time() - began
     manager.close_all(CloseReason.CLIENT_GONE)
     return spent * 1e6 / (sessions * connections * tokens), transport.writes
 
@@ -129,7 +176,12 @@ def main() -> None:
         run = asyncio.run
     print("| streams | sessions x connections | tokens each | writes | us per token (best) |")
     print("|---|---|---|---|---|")
-    for name, measure in (("ASGI (a task each)", _measure), ("push (bridge serve)", _measure_push)):
+    kinds = (
+        ("ASGI (a task each)", _measure),
+        ("push (bridge serve)", _measure_push),
+        ("push, from the fan-out's messages", _measure_messages),
+    )
+    for name, measure in kinds:
         figures = [
             run(measure(args.sessions, args.connections, args.tokens)) for _ in range(args.rounds)
         ]

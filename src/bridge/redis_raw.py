@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -40,6 +40,10 @@ from bridge.write_flow import WriteFlow
 T = TypeVar("T")
 
 _NOT_ENOUGH_DATA = object()
+
+Listener = Callable[[Any], Any]
+"""Handles a reply as it arrives, in the protocol's callback; returns what to queue for `read`
+in its place, or None for nothing."""
 
 
 def bulk(value: bytes | str | int) -> bytes:
@@ -80,11 +84,20 @@ class _Replies(WriteFlow):
         self._replies: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.lost: Exception | None = None
+        self.listener: Listener | None = None
 
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
         try:
             while (reply := self._parser.gets()) is not _NOT_ENOUGH_DATA:
+                # the listener sees a reply only when none waits before it: order is kept
+                if self.listener is not None and not self._replies:
+                    try:
+                        reply = self.listener(reply)
+                    except Exception as exc:  # read in the reply's place, as an error reply is
+                        reply = exc
+                    if reply is None:
+                        continue
                 self._replies.append(reply)
         except InvalidResponse as exc:
             self.lost = RedisConnectionError(f"Redis sent an invalid reply: {exc}")
@@ -157,6 +170,14 @@ class RawConnection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
         self._expired = False
+        self._listener: Listener | None = None
+
+    def listen(self, listener: Listener | None) -> None:
+        """Hand replies to `listener` as they arrive, whenever no reply is waiting to be read
+        (on this connection and the ones after a reconnect): a reply it handles wakes no task."""
+        self._listener = listener
+        if self._replies is not None:
+            self._replies.listener = listener
 
     async def _open(self) -> _Replies:
         """The connection's reply parser, connecting (again) first if it is not open."""
@@ -183,6 +204,7 @@ class RawConnection:
             encoder.encoding if encoder.decode_responses else None,
         )
         transport.set_protocol(replies)
+        replies.listener = self._listener
         self._replies = replies
         return replies
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.redis_raw import RawConnection
+from bridge.redis_raw import RawConnection, pack
 from bridge.redis_select import make_client
 from bridge.settings import Settings
 from bridge.streams.codec import EntryId, EventType, StreamEvent, now_ms
@@ -176,6 +177,47 @@ async def test_entries_written_without_a_message_are_read_at_the_next_one(
     got = await harness.wait_for("quiet", "mock", 3, "the unannounced entry and the next")
     assert got == ["unannounced ", "t2 ", "t3 "]
     assert harness.breaks == []
+
+
+async def test_messages_behind_a_reply_still_waiting_are_delivered_by_the_follow_loop(
+    harness: Harness,
+) -> None:
+    """A message is delivered from the connection's callback only when no reply waits ahead of
+    it; one that arrives behind a waiting reply (here a PONG read in the same chunk) is queued,
+    and the follow loop delivers it, in order with those handed over before."""
+    await harness.start_generation("queued", "mock", "r9")
+    await harness.reader.track("queued")
+    await harness.append("queued", "mock", "r9", range(1, 3))
+    await harness.wait_for("queued", "mock", 2, "the first tokens, from the callback")
+    handled: list[bytes] = []
+    on_message = harness.reader._on_message
+    by_callback: list[Any] = []
+    on_reply = harness.reader._on_reply
+
+    def spying(channel: bytes, payload: bytes) -> list[bytes]:
+        handled.append(payload)
+        return on_message(channel, payload)
+
+    def listening(reply: Any) -> Any:
+        by_callback.append(reply)
+        return on_reply(reply)
+
+    harness.reader._on_message = spying  # type: ignore[method-assign]
+    harness.reader._subscriber.listen(listening)
+    subscription = harness.reader._subscriber._replies
+    assert subscription is not None
+    subscription.transport.pause_reading()  # the PONG and the message arrive in one chunk
+    await harness.reader._subscriber.send(pack("PING", "behind"))
+    await harness.append("queued", "mock", "r9", range(3, 5))
+    await asyncio.sleep(0.1)
+    subscription.transport.resume_reading()
+    got = await harness.wait_for("queued", "mock", 4, "the tokens queued behind the PONG")
+    assert got == texts(range(1, 5))
+    assert harness.breaks == []
+    assert len(handled) == 1  # the message, handled once
+    # by the loop: the callback saw the PONG ahead of it (and keepalive ones), no message
+    assert [b"pong", b"behind"] in by_callback
+    assert [reply for reply in by_callback if reply[0] == b"message"] == []
 
 
 async def test_unreadable_messages_make_the_reader_read_the_session_s_streams(

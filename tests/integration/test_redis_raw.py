@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -127,6 +128,46 @@ async def test_send_now_read_later_keeps_replies_in_order(
     assert await raw.read() == b"PONG"
     await redis.rpush(key, "x")  # answers the BLPOP already waiting on the server
     assert await raw.read() == [key.encode(), b"x"]
+
+
+async def test_a_listener_takes_replies_as_they_arrive_and_read_gets_what_it_returns(
+    redis: aioredis.Redis,
+) -> None:
+    """A listener sees each reply when none waits before it: a reply it returns None for is
+    never read, what it returns is read in the reply's place, so is an exception it raises
+    (as an error reply is); a reply arriving behind one still waiting is queued as it came (order
+    is kept); and the listener serves the connection made after a reconnect."""
+    seen: list[Any] = []
+
+    def listener(reply: Any) -> Any:
+        seen.append(reply)
+        if reply == b"PONG":
+            return None
+        if reply == b"boom":
+            raise ValueError("the listener failed")
+        return ("kept", reply)
+
+    raw = RawConnection(redis, name="TEST")
+    raw.listen(listener)
+    await raw.send(pack("PING") + pack("ECHO", "a"))
+    assert await raw.read() == ("kept", b"a")
+    assert seen == [b"PONG", b"a"]
+    await raw.send(pack("ECHO", "boom"))
+    failed = await raw.read()
+    assert isinstance(failed, ValueError)
+    assert str(failed) == "the listener failed"
+    await raw.send(pack("ECHO", "x") + pack("ECHO", "y"))
+    await asyncio.sleep(0.05)  # both replies arrive before the first is read
+    assert await raw.read() == ("kept", b"x")
+    assert await raw.read() == b"y"
+    assert seen[-1] == b"x"
+    (client_id,) = await raw.call(pack("CLIENT", "ID"))  # its reply went through the listener
+    await redis.client_kill_filter(_id=client_id[1])
+    for _ in range(100):
+        if not raw.connected:
+            break
+        await asyncio.sleep(0.01)
+    assert await raw.call(pack("ECHO", "z")) == [("kept", b"z")]
 
 
 async def test_reading_before_anything_was_sent_is_an_error(redis: aioredis.Redis) -> None:

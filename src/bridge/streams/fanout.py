@@ -61,6 +61,7 @@ Deliver = Callable[[str, str, EntryId, Batch], None]
 entries are every one of the stream's after `after` (the reader's position before them) up to
 the last, but for malformed ones skipped."""
 
+_GAPS = object()  # queued by `_on_reply` in a message's place: (_GAPS, stream keys to read)
 _RESYNC_KEYS = 1000  # streams per non-blocking read when re-reading everything
 _SUBSCRIBE_CHANNELS = 1000  # channels per SUBSCRIBE when subscribing again
 _decode_entries = msgspec.json.Decoder(list[list[Any]]).decode
@@ -106,6 +107,7 @@ class FanoutReader:
         self._unsubscribe: set[bytes] = set()  # channels of sessions no longer tailed
         self.malformed = 0
         self.connected = False
+        subscriber.listen(self._on_reply)
 
     @property
     def tracked_sessions(self) -> int:
@@ -212,7 +214,9 @@ class FanoutReader:
             if isinstance(reply, Exception):
                 raise reply
             kind = reply[0]
-            if kind == b"message":
+            if kind is _GAPS:
+                await self._read_streams(reply[1])
+            elif kind == b"message":  # it came while replies before it waited to be read
                 gaps = self._on_message(reply[1], reply[2])
                 if gaps:
                     await self._read_streams(gaps)
@@ -237,6 +241,18 @@ class FanoutReader:
                 self._unsubscribe.clear()
             with contextlib.suppress(RedisError, OSError):  # the reader's read fails too
                 await self._subscriber.send(commands)
+
+    def _on_reply(self, reply: Any) -> Any:
+        """The subscription's replies as they arrive: an append's message is delivered from
+        the connection's callback, which wakes no task; what needs the follow loop (streams to
+        read, confirmations, pongs, errors) is queued for it.
+
+        A message delivered while the loop awaits a read of the streams is safe: the read
+        delivers only the entries past the position the message moved."""
+        if type(reply) is list and reply[0] == b"message":
+            gaps = self._on_message(reply[1], reply[2])
+            return (_GAPS, gaps) if gaps else None
+        return reply
 
     def _lost(self) -> None:
         """The subscription is gone: waiters move on to the next subscribing."""
