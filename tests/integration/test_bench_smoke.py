@@ -110,10 +110,24 @@ def test_writer_cost_smoke_run_reports_every_write() -> None:
         "1",
     )
     assert done.returncode == 0, done.stderr
-    asgi, push = table_rows(done.stdout)
+    asgi, push, messages = table_rows(done.stdout)
     assert [asgi[0].strip(), asgi[1].strip()] == ["ASGI (a task each)", "2 x 3"]
     assert int(asgi[3]) == 2 * 3 * (2 + 5 + 1)
     assert float(asgi[4]) > 0
     assert [push[0].strip(), push[1].strip()] == ["push (bridge serve)", "2 x 3"]
     assert int(push[3]) == 2 * 3 * 5
     assert float(push[4]) > 0
+    assert messages[0].strip() == "push, from the fan-out's messages"
+    assert int(messages[3]) == 2 * 3 * 5  # every message parsed and delivered to every stream
+    assert float(messages[4]) > 0
+
+
+def test_worker_cost_smoke_run_writes_every_token() -> None:
+    """`python -m bench.worker_cost` runs (two answers of five tokens) and reports a figure;
+    it fails if any answer lost a token on its way to Redis."""
+    done = run_module(
+        "bench.worker_cost", "--sessions", "2", "--tokens", "5", "--delay-ms", "0", "--rounds", "1"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("worker CPU per token: ")
+    assert float(done.stdout.split()[4]) > 0
