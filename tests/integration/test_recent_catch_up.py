@@ -57,12 +57,15 @@ async def test_a_reconnect_gets_the_rest_of_the_answer_once(
             async with http.stream("GET", started["streamUrl"]) as resp:
                 first = await read_until(resp, lambda e: e.event == "token")
             await asyncio.sleep(0.05)  # away while the answer goes on
-            before = catch_ups(source)
+            other = "redis" if source == "memory" else "memory"
+            before, before_other = catch_ups(source), catch_ups(other)
             async with http.stream(
                 "GET", started["streamUrl"], headers={"Last-Event-ID": first[-1].id}
             ) as resp:
                 rest = await read_until(resp, terminal)
-        assert catch_ups(source) - before == 1
+        # one pass, or more: an event delivered during a pass makes it read again (push.py)
+        assert catch_ups(source) - before >= 1
+        assert catch_ups(other) == before_other
         assert tokens_of(first) + tokens_of(rest) == list(range(1, TOKENS + 1))
         assert rest[-1].event == "complete"
 
