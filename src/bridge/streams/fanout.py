@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -61,6 +61,7 @@ Deliver = Callable[[str, str, EntryId, Batch], None]
 entries are every one of the stream's after `after` (the reader's position before them) up to
 the last, but for malformed ones skipped."""
 
+T = TypeVar("T")
 _GAPS = object()  # queued by `_on_reply` in a message's place: (_GAPS, stream keys to read)
 _RESYNC_KEYS = 1000  # streams per non-blocking read when re-reading everything
 _SUBSCRIBE_CHANNELS = 1000  # channels per SUBSCRIBE when subscribing again
@@ -395,8 +396,8 @@ class FanoutReader:
         return b"%d" % next(self._tokens)
 
 
-def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
-    """A raw entry's `[field, value, ...]` as a dict (an entry deleted meanwhile has none)."""
+def _pairs(flat: list[T] | None) -> dict[T, T]:
+    """An entry's `[field, value, ...]` as a dict (an entry deleted meanwhile has none)."""
     if not flat:
         return {}
     it = iter(flat)
@@ -408,5 +409,4 @@ def _event(entry: list[Any]) -> StreamEvent:
     parts = entry[2:]
     if not all(isinstance(part, str) for part in parts):
         raise MalformedEntry("entry fields are not all strings")
-    it = iter(parts)
-    return from_text_fields(dict(zip(it, it, strict=False)))
+    return from_text_fields(_pairs(parts))
