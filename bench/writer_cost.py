@@ -73,9 +73,10 @@ def _deliver(manager: ConnectionManager, sessions: int, tokens: int) -> float:
     return time.process_time() - began
 
 
-async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
-    """The same for push streams: written from the delivery itself."""
-    manager = ConnectionManager(queue_size=1024, recent_s=_RECENT_S)
+async def _push_streams(
+    manager: ConnectionManager, sessions: int, connections: int
+) -> _NullTransport:
+    """`connections` live push streams per session, all writing to one null transport."""
     transport = _NullTransport()
     pulse = Pulse(60)
     for session in range(sessions):
@@ -84,6 +85,13 @@ async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[f
             stream = PushStream(sub, transport, manager=manager, pulse=pulse, max_behind=1024)
             await stream.run(b"", _no_history, 1000)
     transport.writes = 0
+    return transport
+
+
+async def _measure_push(sessions: int, connections: int, tokens: int) -> tuple[float, int]:
+    """The same for push streams: written from the delivery itself."""
+    manager = ConnectionManager(queue_size=1024, recent_s=_RECENT_S)
+    transport = await _push_streams(manager, sessions, connections)
     spent = _deliver(manager, sessions, tokens)
     manager.close_all(CloseReason.CLIENT_GONE)
     return spent * 1e6 / (sessions * connections * tokens), transport.writes
@@ -96,14 +104,9 @@ async def _measure_messages(sessions: int, connections: int, tokens: int) -> tup
     keys = Keys("writer-cost:")
     # the reader's connections are never used: its sessions are registered as tracked ones
     reader = FanoutReader(_NoConnection(), None, None, keys, manager.deliver)  # type: ignore[arg-type]
-    transport = _NullTransport()
-    pulse = Pulse(60)
+    transport = await _push_streams(manager, sessions, connections)
     ms = int(time.time() * 1000)
     for session in range(sessions):
-        for _ in range(connections):
-            sub = await manager.connect(f"s{session}", {})
-            stream = PushStream(sub, transport, manager=manager, pulse=pulse, max_behind=1024)
-            await stream.run(b"", _no_history, 1000)
         reader._session_keys[f"s{session}"] = set()
         reader._ready.add(f"s{session}")
         reader._add_stream(f"s{session}", "m", (ms, 0))
@@ -116,7 +119,6 @@ async def _measure_messages(sessions: int, connections: int, tokens: int) -> tup
             (keys.live_channel(f"s{session}").encode(), head + entries)
             for session in range(sessions)
         ]
-    transport.writes = 0
     began = time.process_time()
     for channel, payload in messages:
         reader._on_reply([b"message", channel, payload])  # as the subscription hands it over
