@@ -35,4 +35,8 @@ class Backoff:
         """Sleep the current delay and double the next one (unless this task is stopping)."""
         raise_if_cancelling()
         await asyncio.sleep(self.delay_s)
+        self.grow()
+
+    def grow(self) -> None:
+        """Double the delay, up to the cap (for a caller that waits it on its own)."""
         self.delay_s = min(self.delay_s * 2, self._cap_s)

@@ -45,6 +45,9 @@ Listener = Callable[[Any], Any]
 """Handles a reply as it arrives, in the protocol's callback; returns what to queue for `read`
 in its place, or None for nothing."""
 
+LossListener = Callable[[Exception], None]
+"""Hears, in the protocol's callback, that the connection ended, and why."""
+
 
 def bulk(value: bytes | str | int) -> bytes:
     """One RESP bulk string."""
@@ -85,6 +88,7 @@ class _Replies(WriteFlow):
         self._waiter: asyncio.Future[None] | None = None
         self.lost: Exception | None = None
         self.listener: Listener | None = None
+        self.on_lost: LossListener | None = None
 
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
@@ -108,11 +112,14 @@ class _Replies(WriteFlow):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost is None:
-            self.lost = RedisConnectionError(f"Redis closed the connection: {exc or 'EOF'}")
+        lost = self.lost
+        if lost is None:
+            lost = self.lost = RedisConnectionError(f"Redis closed the connection: {exc or 'EOF'}")
         self.resume_writing()
         self._wake()
         self._replaced.connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost(lost)
 
     @property
     def closed(self) -> bool:
@@ -171,13 +178,22 @@ class RawConnection:
         self._watchdog_at = 0.0
         self._expired = False
         self._listener: Listener | None = None
+        self._on_lost: LossListener | None = None
 
-    def listen(self, listener: Listener | None) -> None:
+    @property
+    def timeout_s(self) -> float:
+        """How long a call may wait for its replies, unless it is given its own timeout."""
+        return self._timeout_s
+
+    def listen(self, listener: Listener | None, on_lost: LossListener | None = None) -> None:
         """Hand replies to `listener` as they arrive, whenever no reply is waiting to be read
-        (on this connection and the ones after a reconnect): a reply it handles wakes no task."""
+        (on this connection and the ones after a reconnect): a reply it handles wakes no task.
+        `on_lost` hears of each connection's end."""
         self._listener = listener
+        self._on_lost = on_lost
         if self._replies is not None:
             self._replies.listener = listener
+            self._replies.on_lost = on_lost
 
     async def _open(self) -> _Replies:
         """The connection's reply parser, connecting (again) first if it is not open."""
@@ -190,6 +206,8 @@ class RawConnection:
         conn = self._conn
         # redis-py's own timeouts bound its connect and handshake; later reads are ours
         await conn.disconnect(nowait=True)  # what is left of the last transport, if any
+        if replies is not None:  # its late callbacks must not reach the new connection's
+            replies.listener = replies.on_lost = None
         self._replies = None
         await conn.connect()
         # redis-py keeps its transport behind a private attribute: taken over once connected
@@ -205,6 +223,7 @@ class RawConnection:
         )
         transport.set_protocol(replies)
         replies.listener = self._listener
+        replies.on_lost = self._on_lost
         self._replies = replies
         return replies
 
@@ -230,6 +249,20 @@ class RawConnection:
         if self._timed:
             observe_command(self.name, time.perf_counter() - started)
         return results
+
+    def write(self, packed: list[bytes]) -> bool:
+        """Write `packed` now if connected, without waiting for the buffer to drain (the caller
+        bounds what it leaves unanswered); False, writing nothing, if not connected."""
+        replies = self._replies
+        if replies is None or replies.closed:
+            return False
+        replies.transport.writelines(packed)
+        return True
+
+    def cut(self) -> None:
+        """Close the connection now: what is under way fails with it (`on_lost` hears it)."""
+        if self._replies is not None:
+            self._replies.transport.close()
 
     async def send(self, packed: bytes | list[bytes], *, timeout_s: float | None = None) -> None:
         """Send commands whose replies `read` takes later (pipelining across awaits)."""

@@ -195,13 +195,13 @@ async def test_writer_batches_tokens_and_finish_waits_for_all(
     """Tokens queued during a round trip share script calls, and finish() returns once all land."""
     producer = StreamProducer(redis, keys, settings)
     calls: list[int] = []
-    original = producer.append
+    original = producer.submit
 
-    async def counting_append(**kwargs: Any) -> Any:
-        calls.append(len(kwargs["events"]))
-        return await original(**kwargs)
+    def counting_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
+        calls.append(len(events))
+        original(ctx, events, done)
 
-    producer.append = counting_append  # type: ignore[method-assign]
+    producer.submit = counting_submit  # type: ignore[method-assign]
     writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
     n = 300
     for i in range(n):
@@ -226,13 +226,13 @@ async def test_an_append_holds_about_256_kib_of_content_however_fast_tokens_come
     script call, its published message and every reader's decoding stay bounded), in order."""
     producer = StreamProducer(redis, keys, settings)
     calls: list[int] = []
-    original = producer.append
+    original = producer.submit
 
-    async def measuring_append(**kwargs: Any) -> Any:
-        calls.append(sum(len(event.content) for event in kwargs["events"]))
-        return await original(**kwargs)
+    def measuring_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
+        calls.append(sum(len(event.content) for event in events))
+        original(ctx, events, done)
 
-    producer.append = measuring_append  # type: ignore[method-assign]
+    producer.submit = measuring_submit  # type: ignore[method-assign]
     writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
     texts = [f"{i:04d}" + "x" * 4092 for i in range(400)]  # 4 KiB each, 1.6 MiB in all
     for text in texts:
@@ -242,6 +242,31 @@ async def test_an_append_holds_about_256_kib_of_content_however_fast_tokens_come
     assert max(calls) >= 128 * 1024  # tokens still share appends
     stored = await _stored(redis, keys)
     assert [e.content for _, e in stored[:-1]] == texts
+
+
+async def test_a_writer_that_outruns_redis_holds_at_most_512_events(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, generation: str
+) -> None:
+    """Tokens written faster than appends land make token() wait once 512 are queued: no
+    append carries more, memory stays bounded, and every token lands once, in order."""
+    producer = StreamProducer(redis, keys, settings)
+    calls: list[int] = []
+    original = producer.submit
+
+    def counting_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
+        calls.append(len(events))
+        original(ctx, events, done)
+
+    producer.submit = counting_submit  # type: ignore[method-assign]
+    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    n = 3000
+    for i in range(n):
+        await writer.token(f"{i} ")
+    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    assert max(calls) <= 512
+    assert sum(calls) == n + 1
+    stored = await _stored(redis, keys)
+    assert [e.content for _, e in stored[:-1]] == [f"{i} " for i in range(n)]
 
 
 async def test_writer_continues_after_last_seq(

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bridge.errors import Fenced, GenerationStopped, MalformedEntry
 from bridge.generation import CLAIM_SCRIPT
@@ -184,6 +185,68 @@ async def test_the_writer_rides_out_an_unreachable_redis(
 
 async def retried(writer: GenerationWriter) -> bool:
     return writer.retries >= 2
+
+
+async def test_a_writer_gives_up_after_its_retry_time_and_a_later_call_sends_the_rest(
+    keys: Keys, settings: Settings, tcp_redis: RedisProcess
+) -> None:
+    """Past its retry time the writer raises the connection error once; the events it could
+    not store stay queued, and its next call stores them, each once, in order."""
+    redis = aioredis.Redis.from_url(tcp_redis.url)
+    with TcpProxy(tcp_redis.port) as proxy:
+        brief = msgspec.structs.replace(settings, redis_timeout_s=1.0, generation_deadline_s=0.5)
+        client = make_client(proxy.url, brief, retries=0)
+        try:
+            j = job()
+            await enqueue(client, keys, brief, j)
+            writer = StreamProducer(client, keys, brief).writer(
+                context(j, await claim(client, keys, j))
+            )
+            proxy.cut()
+            await writer.token("t0 ")
+            await writer.token("t1 ")
+            with pytest.raises(RedisConnectionError):
+                await writer.drain()
+            assert writer.retries >= 1
+            proxy.restore()
+            await writer.finish(EventType.COMPLETE, {})
+        finally:
+            await client.aclose()
+    entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
+    assert [f.get(b"c", b"").decode() for _, f in entries][:-1] == ["t0 ", "t1 "]
+    await redis.aclose()
+
+
+async def test_an_aborted_writer_stops_retrying_and_writes_nothing_more(
+    keys: Keys, settings: Settings, tcp_redis: RedisProcess
+) -> None:
+    """Abandoning a writer whose append waits for a retry cancels the retry: once Redis is
+    back, nothing it had queued is written."""
+    redis = aioredis.Redis.from_url(tcp_redis.url)
+    with TcpProxy(tcp_redis.port) as proxy:
+        client = make_client(proxy.url, settings, retries=0)
+        try:
+            j = job()
+            await enqueue(client, keys, settings, j)
+            writer = StreamProducer(client, keys, settings).writer(
+                context(j, await claim(client, keys, j))
+            )
+            await writer.token("t0 ")
+            await writer.drain()
+            proxy.cut()
+            await writer.token("t1 ")
+            await wait_until(lambda: retried(writer), 30, "append retries")
+            await writer.abort()
+            retries = writer.retries
+            proxy.restore()
+            await asyncio.sleep(1.0)  # past the next retry's backoff (0.2 s by now)
+            await writer.drain()  # nothing in flight: returns at once, raising nothing
+        finally:
+            await client.aclose()
+    assert writer.retries == retries
+    entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
+    assert [f.get(b"c", b"").decode() for _, f in entries] == ["t0 "]
+    await redis.aclose()
 
 
 @pytest.fixture

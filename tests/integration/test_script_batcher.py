@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from structlog.testing import capture_logs
 
 from bridge.redis_select import make_client
 from bridge.settings import Settings
 from bridge.streams.batching import ScriptBatcher
+from tests.faults import RedisProcess, TcpProxy
 from tests.redis_fixtures import free_port
 
 pytestmark = pytest.mark.integration
@@ -93,3 +102,84 @@ async def test_a_head_packed_once_serves_calls_that_add_the_last_arguments(
     first, second = await asyncio.gather(batcher.call(head, ["a", 1]), batcher.call(head, ["b", 2]))
     assert first == [f"{key_prefix}k".encode(), b"lead", b"a", b"1", 3]
     assert second == [f"{key_prefix}k".encode(), b"lead", b"b", b"2", 3]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A Redis of this test's own, to stop and kill."""
+    server = RedisProcess(tmp_path, persistent=False).start()
+    yield server
+    os.kill(server.pid, signal.SIGCONT)  # a test that failed may have left it stopped
+    server.kill()
+
+
+async def test_a_pipeline_left_unanswered_times_out_and_the_next_call_reconnects(
+    own_redis: RedisProcess, settings: Settings
+) -> None:
+    """A Redis that stops answering fails the calls in flight with TimeoutError once the
+    connection's timeout passed (their connection closed under them); once it answers
+    again, the next call reconnects and gets its result."""
+    client = make_client(own_redis.url, settings, socket_timeout=0.3, retries=0)
+    try:
+        batcher = ScriptBatcher(client, _script())
+        assert await batcher(keys=["n"], args=[1]) == 1
+        os.kill(own_redis.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(batcher(keys=["n"], args=[1]) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert time.monotonic() - started < 5
+        os.kill(own_redis.pid, signal.SIGCONT)
+        assert await batcher(keys=["m"], args=[5]) == 5
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_lost_in_flight_fails_its_calls_at_once_and_the_next_reconnects(
+    own_redis: RedisProcess, settings: Settings
+) -> None:
+    """Calls whose connection is reset before their replies fail with the connection error
+    at once, not at the timeout; later calls connect again."""
+    with TcpProxy(own_redis.port) as proxy:
+        client = make_client(proxy.url, settings, socket_timeout=30, retries=0)
+        try:
+            batcher = ScriptBatcher(client, _script())
+            assert await batcher(keys=["n"], args=[1]) == 1
+            os.kill(own_redis.pid, signal.SIGSTOP)  # the calls below stay in flight
+            calls = asyncio.gather(
+                *(batcher(keys=["n"], args=[1]) for _ in range(3)), return_exceptions=True
+            )
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            proxy.cut()
+            results = await calls
+            assert all(type(r) is RedisConnectionError for r in results), results
+            assert time.monotonic() - started < 5
+            os.kill(own_redis.pid, signal.SIGCONT)
+            proxy.restore()
+            assert await batcher(keys=["m"], args=[5]) == 5
+        finally:
+            await client.aclose()
+
+
+async def test_a_callback_that_raises_is_logged_and_the_replies_after_it_still_arrive(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """A failing `done` callback is the caller's bug: it must not stop the connection's
+    other replies from reaching their callers."""
+    batcher = ScriptBatcher(redis, _script())
+    await batcher(keys=[f"{key_prefix}warm"], args=[1])  # the script is loaded
+    heard: list[Any] = []
+
+    def broken(reply: Any) -> None:
+        heard.append(reply)
+        raise RuntimeError("a caller's bug")
+
+    batcher.submit(batcher.head([f"{key_prefix}a"], [2]), (), broken)
+    with capture_logs() as logs:
+        after = await batcher(keys=[f"{key_prefix}b"], args=[3])
+        assert await batcher(keys=[f"{key_prefix}c"], args=[4]) == 4
+    assert heard == [2]
+    assert after == 3
+    assert [entry["event"] for entry in logs] == ["script_callback_failed"]

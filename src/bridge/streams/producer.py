@@ -15,9 +15,8 @@ that fails because Redis is unreachable is retried with backoff (safe: see idemp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -30,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.backoff import Backoff
 from bridge.errors import Fenced, GenerationStopped
 from bridge.settings import Settings
-from bridge.streams.batching import ScriptBatcher
+from bridge.streams.batching import ScriptBatcher, settle
 from bridge.streams.codec import EventType, StreamEvent, now_ms, to_fields
 from bridge.streams.keys import Keys
 from bridge.streams.processor import GenerationContext, Processor, ProcessorChain
@@ -129,6 +128,17 @@ class Stored(msgspec.Struct, frozen=True):
     limited: bool
 
 
+def _stored(request_id: str, done: Callable[[Stored | BaseException], None], reply: Any) -> None:
+    """The append script's reply as what `done` expects."""
+    if isinstance(reply, ResponseError) and str(reply).startswith("FENCED"):
+        done(Fenced(f"generation {request_id}: {reply}"))
+    elif isinstance(reply, BaseException):
+        done(reply)
+    else:
+        last_seq, limited = reply
+        done(Stored(int(last_seq), bool(limited)))
+
+
 class StreamProducer:
     """Creates `GenerationWriter`s; owns the append script."""
 
@@ -159,20 +169,28 @@ class StreamProducer:
         events: Sequence[StreamEvent],
     ) -> Stored:
         """Append `events` atomically with the fencing, idempotency and accounting checks."""
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        ctx = GenerationContext(session, model, request_id, "", epoch)
+        self.submit(ctx, events, functools.partial(settle, future))
+        return await future
+
+    def submit(
+        self,
+        ctx: GenerationContext,
+        events: Sequence[StreamEvent],
+        done: Callable[[Stored | BaseException], None],
+    ) -> None:
+        """`append`, answered through `done` (called from the event loop, not now): what was
+        stored, or the exception (`Fenced` for a generation taken over or ended)."""
         final = events[-1].type.value if events and events[-1].terminal else ""
         ttl = self._settings.stream_ttl_s if final else self.active_ttl
         entries = [
             [event.seq, 1 if event.type is EventType.TOKEN else 0, *to_fields(event)]
             for event in events
         ]
-        head = self._append_head(session, model, request_id, epoch)
-        try:
-            last_seq, limited = await self._script.call(head, (ttl, final, _encode(entries)))
-        except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise Fenced(f"generation {request_id}: {exc}") from None
-            raise
-        return Stored(int(last_seq), bool(limited))
+        head = self._append_head(ctx.session, ctx.model, ctx.request_id, ctx.epoch)
+        more = (ttl, final, _encode(entries))
+        self._script.submit(head, more, functools.partial(_stored, ctx.request_id, done))
 
     def _pack_append_head(self, session: str, model: str, request_id: str, epoch: int) -> bytes:
         keys = (
@@ -201,7 +219,9 @@ class GenerationWriter:
 
     Each event passes the processor chain first. `token()` returns before the write lands
     (errors surface on a later call); `finish()` writes the terminal event and returns once
-    everything is stored. Appends that fail for want of Redis are retried for `retry_for_s`.
+    everything is stored. One append is in flight at a time, driven by its reply's callback:
+    the next batch is sent from there, so a token wakes no task of its own. Appends that fail
+    for want of Redis are retried with backoff for `retry_for_s`.
     """
 
     _MAX_PENDING = 512  # past this, token() waits for the append in flight
@@ -223,8 +243,13 @@ class GenerationWriter:
         self.seq = last_seq
         self._retry_for_s = retry_for_s
         self.retries = 0
-        self._pending: list[StreamEvent] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._pending: list[StreamEvent] = []  # not stored yet, in order
+        self._sending: list[StreamEvent] | None = None  # the head of _pending being appended
+        self._give_up_at = 0.0
+        self._backoff: Backoff | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._error: BaseException | None = None  # raised by the next call
+        self._waiters: list[asyncio.Future[None]] = []  # woken when an append settles
 
     @property
     def tokens(self) -> int:
@@ -246,17 +271,19 @@ class GenerationWriter:
 
     async def drain(self) -> None:
         """Wait until every queued event is stored; raise the error of a failed append."""
-        while self._flushing is not None:
-            await self._wait_flush()
+        while self._sending is not None:
+            await self._settled()
+        self._check()
 
     async def abort(self) -> None:
-        """Stop appending (the generation was abandoned); queued events are dropped."""
-        task, self._flushing = self._flushing, None
+        """Stop appending (the generation was abandoned); queued events are dropped. An
+        append already sent still lands (it cannot be called back); its answer is ignored."""
+        self._sending = None
         self._pending.clear()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._wake()
 
     async def _emit(
         self, kind: EventType, *, content: str = "", data: dict[str, Any] | None = None
@@ -267,34 +294,28 @@ class GenerationWriter:
         event = self._chain(self.ctx, event)
         self.seq = seq
         self._pending.append(event)
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
+        if self._sending is None:
+            self._send(self._next_batch())
         elif len(self._pending) >= self._MAX_PENDING:
-            await self._wait_flush()
-
-    async def _wait_flush(self) -> None:
-        assert self._flushing is not None
-        with contextlib.suppress(Exception):  # _check raises it, and clears the task
-            await asyncio.shield(self._flushing)
-        self._check()
+            await self._settled()
+            self._check()
 
     def _check(self) -> None:
-        task = self._flushing
-        if task is not None and task.done():
-            self._flushing = None
-            task.result()  # re-raises the append's error, if any
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch = self._next_batch()
-            stored = await self._append(batch)
-            if stored.limited:
-                self._pending.clear()
-                self.seq = stored.last_seq
-                raise GenerationStopped(
-                    "session_limit", "the session reached its token limit; the answer is cut"
-                )
-            del self._pending[: len(batch)]
+    async def _settled(self) -> None:
+        """Until the append in flight (or its retry) settles."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _next_batch(self) -> list[StreamEvent]:
         """The pending events within `_MAX_BATCH_BYTES` of content (or the first alone)."""
@@ -305,23 +326,54 @@ class GenerationWriter:
                 return self._pending[:count]
         return list(self._pending)
 
-    async def _append(self, batch: list[StreamEvent]) -> Stored:
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self._retry_for_s
-        backoff = Backoff()
-        ctx = self.ctx
-        while True:
-            try:
-                return await self._producer.append(
-                    session=ctx.session,
-                    model=ctx.model,
-                    request_id=ctx.request_id,
-                    epoch=ctx.epoch,
-                    events=batch,
+    def _send(self, batch: list[StreamEvent], *, retry: bool = False) -> None:
+        self._retry = None
+        if not retry:
+            self._give_up_at = asyncio.get_running_loop().time() + self._retry_for_s
+            self._backoff = None
+        self._sending = batch
+        self._producer.submit(self.ctx, batch, functools.partial(self._on_stored, batch))
+
+    def _on_stored(self, batch: list[StreamEvent], result: Stored | BaseException) -> None:
+        if batch is not self._sending:
+            return  # aborted meanwhile
+        if isinstance(result, BaseException):
+            self._failed(batch, result)
+            return
+        if result.limited:
+            self._pending.clear()
+            self.seq = result.last_seq
+            self._stop(
+                GenerationStopped(
+                    "session_limit", "the session reached its token limit; the answer is cut"
                 )
-            except _RETRYABLE as exc:
-                if loop.time() + backoff.delay_s > give_up_at:
-                    raise
-                self.retries += 1
-                log.warning("append_retrying", request_id=ctx.request_id, error=str(exc))
-                await backoff.wait()
+            )
+            return
+        del self._pending[: len(batch)]
+        if self._pending:
+            self._send(self._next_batch())
+        else:
+            self._sending = None
+        self._wake()
+
+    def _failed(self, batch: list[StreamEvent], error: BaseException) -> None:
+        """Retry an append that failed for want of Redis (safe: appends are idempotent by
+        sequence), until `retry_for_s` has passed; any other failure stops the writer."""
+        loop = asyncio.get_running_loop()
+        backoff = self._backoff = self._backoff or Backoff()
+        if not isinstance(error, _RETRYABLE) or loop.time() + backoff.delay_s > self._give_up_at:
+            self._stop(error)
+            return
+        self.retries += 1
+        log.warning("append_retrying", request_id=self.ctx.request_id, error=str(error))
+        self._retry = loop.call_later(
+            backoff.delay_s, functools.partial(self._send, batch, retry=True)
+        )
+        backoff.grow()
+
+    def _stop(self, error: BaseException) -> None:
+        """Stop appending; `error` is raised by the writer's next call. The events not stored
+        stay pending: a later call sends them again."""
+        self._sending = None
+        self._error = error
+        self._wake()
