@@ -13,9 +13,10 @@ the client closes it. Once connected, its transport is handed to `_Replies`, a p
 parses replies with hiredis as the bytes arrive: redis-py's stream reader and its read path
 cost 12 us more per round trip than the round trip's own 34 us of CPU (a PING loop on the
 2-core VM), once per token in each process. It serves one reader at a time (the fan-out
-loop, the script batcher's single sender); other tasks may `send` on it, whole commands being
-written at once. Any failure or cancellation mid-call disconnects it: a later call reconnects
-rather than read a stale reply.
+loop), or hands each reply to a listener as it arrives (the fan-out's messages, the script
+batcher's replies); other tasks may `send` on it, whole commands being written at once. Any
+failure or cancellation mid-call disconnects it: a later call reconnects rather than read a
+stale reply.
 """
 
 from __future__ import annotations

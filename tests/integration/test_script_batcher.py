@@ -183,3 +183,23 @@ async def test_a_callback_that_raises_is_logged_and_the_replies_after_it_still_a
     assert heard == [2]
     assert after == 3
     assert [entry["event"] for entry in logs] == ["script_callback_failed"]
+
+
+async def test_a_failed_script_load_fails_the_calls_that_needed_it_and_the_next_retries(
+    redis: aioredis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls answered NOSCRIPT whose reload fails raise the load's error; a later call loads
+    the script and runs."""
+    batcher = ScriptBatcher(redis, _script())
+    original = redis.script_load
+
+    async def unreachable(*args: Any) -> Any:
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(redis, "script_load", unreachable)
+    results = await asyncio.gather(
+        *(batcher(keys=[f"{key_prefix}n"], args=[1]) for _ in range(2)), return_exceptions=True
+    )
+    assert [str(r) for r in results] == ["Redis went away"] * 2
+    monkeypatch.setattr(redis, "script_load", original)
+    assert await batcher(keys=[f"{key_prefix}n"], args=[2]) == 2

@@ -160,7 +160,10 @@ class ScriptBatcher:
         try:
             await self._connection.connect()
         except BaseException as exc:
-            self._fail_queued(exc)
+            failed = list(self._queue)
+            self._queue.clear()
+            for call in failed:
+                _answer(call, exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -180,12 +183,6 @@ class ScriptBatcher:
         finally:
             self._detour = None
         self._send()
-
-    def _fail_queued(self, error: BaseException) -> None:
-        failed = list(self._queue)
-        self._queue.clear()
-        for call in failed:
-            _answer(call, error)
 
 
 def _answer(call: _Call, reply: Any) -> None:
