@@ -6,7 +6,7 @@ batching of tokens that arrive during a round trip, and MAXLEN trimming.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -18,7 +18,7 @@ from bridge.settings import Settings
 from bridge.streams.codec import EventType, StreamEvent, from_fields, parse_entry_id
 from bridge.streams.keys import Keys
 from bridge.streams.processor import GenerationContext
-from bridge.streams.producer import StreamProducer
+from bridge.streams.producer import GenerationWriter, StreamProducer
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,28 @@ async def _append(
     producer: StreamProducer, events: Sequence[StreamEvent], *, epoch: int = 1
 ) -> None:
     await producer.append(session=SESSION, model=MODEL, request_id=RID, epoch=epoch, events=events)
+
+
+def _appends(producer: StreamProducer, measure: Callable[[list[StreamEvent]], int]) -> list[int]:
+    """`measure` of each append's events, in the order the producer is asked for them."""
+    calls: list[int] = []
+    original = producer.submit
+
+    def measuring_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
+        calls.append(measure(events))
+        original(ctx, events, done)
+
+    producer.submit = measuring_submit  # type: ignore[method-assign]
+    return calls
+
+
+async def _write_all(producer: StreamProducer, texts: list[str]) -> GenerationWriter:
+    """Write `texts` as one generation's tokens, as fast as the writer takes them, and finish."""
+    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    for text in texts:
+        await writer.token(text)
+    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    return writer
 
 
 async def _stored(redis: aioredis.Redis, keys: Keys) -> list[tuple[tuple[int, int], StreamEvent]]:
@@ -194,19 +216,9 @@ async def test_writer_batches_tokens_and_finish_waits_for_all(
 ) -> None:
     """Tokens queued during a round trip share script calls, and finish() returns once all land."""
     producer = StreamProducer(redis, keys, settings)
-    calls: list[int] = []
-    original = producer.submit
-
-    def counting_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
-        calls.append(len(events))
-        original(ctx, events, done)
-
-    producer.submit = counting_submit  # type: ignore[method-assign]
-    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    calls = _appends(producer, len)
     n = 300
-    for i in range(n):
-        await writer.token(f"w{i} ")
-    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    writer = await _write_all(producer, [f"w{i} " for i in range(n)])
     assert sum(calls) == n + 1
     assert len(calls) < n
     stored = await _stored(redis, keys)
@@ -225,19 +237,9 @@ async def test_an_append_holds_about_256_kib_of_content_however_fast_tokens_come
     """Large tokens queued during a round trip are split across appends of about 256 KiB (the
     script call, its published message and every reader's decoding stay bounded), in order."""
     producer = StreamProducer(redis, keys, settings)
-    calls: list[int] = []
-    original = producer.submit
-
-    def measuring_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
-        calls.append(sum(len(event.content) for event in events))
-        original(ctx, events, done)
-
-    producer.submit = measuring_submit  # type: ignore[method-assign]
-    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    calls = _appends(producer, lambda events: sum(len(e.content) for e in events))
     texts = [f"{i:04d}" + "x" * 4092 for i in range(400)]  # 4 KiB each, 1.6 MiB in all
-    for text in texts:
-        await writer.token(text)
-    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    await _write_all(producer, texts)
     assert max(calls) <= 256 * 1024
     assert max(calls) >= 128 * 1024  # tokens still share appends
     stored = await _stored(redis, keys)
@@ -250,19 +252,9 @@ async def test_a_writer_that_outruns_redis_holds_at_most_512_events(
     """Tokens written faster than appends land make token() wait once 512 are queued: no
     append carries more, memory stays bounded, and every token lands once, in order."""
     producer = StreamProducer(redis, keys, settings)
-    calls: list[int] = []
-    original = producer.submit
-
-    def counting_submit(ctx: GenerationContext, events: list[StreamEvent], done: Any) -> None:
-        calls.append(len(events))
-        original(ctx, events, done)
-
-    producer.submit = counting_submit  # type: ignore[method-assign]
-    writer = producer.writer(GenerationContext(SESSION, MODEL, RID, "w", 1))
+    calls = _appends(producer, len)
     n = 3000
-    for i in range(n):
-        await writer.token(f"{i} ")
-    await writer.finish(EventType.COMPLETE, {"finishReason": "stop"})
+    await _write_all(producer, [f"{i} " for i in range(n)])
     assert max(calls) <= 512
     assert sum(calls) == n + 1
     stored = await _stored(redis, keys)

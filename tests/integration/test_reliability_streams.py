@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -152,78 +153,12 @@ def tcp_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess
     server.kill()
 
 
-async def test_the_writer_rides_out_an_unreachable_redis(
-    keys: Keys, settings: Settings, tcp_redis: RedisProcess
-) -> None:
-    """Appends made while the network to Redis is cut are retried, and once it is back every
-    token is stored exactly once, in order."""
-    redis = aioredis.Redis.from_url(tcp_redis.url)
-    with TcpProxy(tcp_redis.port) as proxy:
-        quick = msgspec.structs.replace(settings, redis_timeout_s=1.0)
-        client = make_client(proxy.url, quick, retries=0)
-        try:
-            j = job()
-            await enqueue(client, keys, quick, j)
-            writer = StreamProducer(client, keys, quick).writer(
-                context(j, await claim(client, keys, j))
-            )
-            await writer.token("t0 ")
-            await writer.drain()
-            proxy.cut()
-            for index in range(1, 50):
-                await writer.token(f"t{index} ")
-            await wait_until(lambda: retried(writer), 30, "append retries")
-            proxy.restore()
-            await writer.finish(EventType.COMPLETE, {})
-        finally:
-            await client.aclose()
-    entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
-    assert [f.get(b"c", b"").decode() for _, f in entries][:-1] == [f"t{i} " for i in range(50)]
-    assert await redis.hget(keys.usage(j.session_id), "*") == b"50"
-    await redis.aclose()
-
-
-async def retried(writer: GenerationWriter) -> bool:
-    return writer.retries >= 2
-
-
-async def test_a_writer_gives_up_after_its_retry_time_and_a_later_call_sends_the_rest(
-    keys: Keys, settings: Settings, tcp_redis: RedisProcess
-) -> None:
-    """Past its retry time the writer raises the connection error once; the events it could
-    not store stay queued, and its next call stores them, each once, in order."""
-    redis = aioredis.Redis.from_url(tcp_redis.url)
-    with TcpProxy(tcp_redis.port) as proxy:
-        brief = msgspec.structs.replace(settings, redis_timeout_s=1.0, generation_deadline_s=0.5)
-        client = make_client(proxy.url, brief, retries=0)
-        try:
-            j = job()
-            await enqueue(client, keys, brief, j)
-            writer = StreamProducer(client, keys, brief).writer(
-                context(j, await claim(client, keys, j))
-            )
-            proxy.cut()
-            await writer.token("t0 ")
-            await writer.token("t1 ")
-            with pytest.raises(RedisConnectionError):
-                await writer.drain()
-            assert writer.retries >= 1
-            proxy.restore()
-            await writer.finish(EventType.COMPLETE, {})
-        finally:
-            await client.aclose()
-    entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
-    assert [f.get(b"c", b"").decode() for _, f in entries][:-1] == ["t0 ", "t1 "]
-    await redis.aclose()
-
-
-async def test_an_aborted_writer_stops_retrying_and_writes_nothing_more(
-    keys: Keys, settings: Settings, tcp_redis: RedisProcess
-) -> None:
-    """Abandoning a writer whose append waits for a retry cancels the retry: once Redis is
-    back, nothing it had queued is written."""
-    redis = aioredis.Redis.from_url(tcp_redis.url)
-    with TcpProxy(tcp_redis.port) as proxy:
+@contextlib.asynccontextmanager
+async def proxied_writer(
+    server: RedisProcess, keys: Keys, settings: Settings
+) -> AsyncIterator[tuple[TcpProxy, GenerationWriter, GenerationJob]]:
+    """The writer of a generation just claimed, its Redis connection through a proxy."""
+    with TcpProxy(server.port) as proxy:
         client = make_client(proxy.url, settings, retries=0)
         try:
             j = job()
@@ -231,22 +166,82 @@ async def test_an_aborted_writer_stops_retrying_and_writes_nothing_more(
             writer = StreamProducer(client, keys, settings).writer(
                 context(j, await claim(client, keys, j))
             )
-            await writer.token("t0 ")
-            await writer.drain()
-            proxy.cut()
-            await writer.token("t1 ")
-            await wait_until(lambda: retried(writer), 30, "append retries")
-            await writer.abort()
-            retries = writer.retries
-            proxy.restore()
-            await asyncio.sleep(1.0)  # past the next retry's backoff (0.2 s by now)
-            await writer.drain()  # nothing in flight: returns at once, raising nothing
+            yield proxy, writer, j
         finally:
             await client.aclose()
-    assert writer.retries == retries
-    entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
-    assert [f.get(b"c", b"").decode() for _, f in entries] == ["t0 "]
+
+
+async def stored_texts(server: RedisProcess, keys: Keys, j: GenerationJob) -> list[str]:
+    """The content of every entry of the generation's stream, in order."""
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        entries: Any = await redis.xrange(keys.stream(j.session_id, j.model_id))
+    finally:
+        await redis.aclose()
+    return [fields.get(b"c", b"").decode() for _, fields in entries]
+
+
+async def retried(writer: GenerationWriter) -> bool:
+    return writer.retries >= 2
+
+
+async def test_the_writer_rides_out_an_unreachable_redis(
+    keys: Keys, settings: Settings, tcp_redis: RedisProcess
+) -> None:
+    """Appends made while the network to Redis is cut are retried, and once it is back every
+    token is stored exactly once, in order."""
+    quick = msgspec.structs.replace(settings, redis_timeout_s=1.0)
+    async with proxied_writer(tcp_redis, keys, quick) as (proxy, writer, j):
+        await writer.token("t0 ")
+        await writer.drain()
+        proxy.cut()
+        for index in range(1, 50):
+            await writer.token(f"t{index} ")
+        await wait_until(lambda: retried(writer), 30, "append retries")
+        proxy.restore()
+        await writer.finish(EventType.COMPLETE, {})
+    assert (await stored_texts(tcp_redis, keys, j))[:-1] == [f"t{i} " for i in range(50)]
+    redis = aioredis.Redis.from_url(tcp_redis.url)
+    assert await redis.hget(keys.usage(j.session_id), "*") == b"50"
     await redis.aclose()
+
+
+async def test_a_writer_gives_up_after_its_retry_time_and_a_later_call_sends_the_rest(
+    keys: Keys, settings: Settings, tcp_redis: RedisProcess
+) -> None:
+    """Past its retry time the writer raises the connection error once; the events it could
+    not store stay queued, and its next call stores them, each once, in order."""
+    brief = msgspec.structs.replace(settings, redis_timeout_s=1.0, generation_deadline_s=0.5)
+    async with proxied_writer(tcp_redis, keys, brief) as (proxy, writer, j):
+        proxy.cut()
+        await writer.token("t0 ")
+        await writer.token("t1 ")
+        with pytest.raises(RedisConnectionError):
+            await writer.drain()
+        assert writer.retries >= 1
+        proxy.restore()
+        await writer.finish(EventType.COMPLETE, {})
+    assert (await stored_texts(tcp_redis, keys, j))[:-1] == ["t0 ", "t1 "]
+
+
+async def test_an_aborted_writer_stops_retrying_and_writes_nothing_more(
+    keys: Keys, settings: Settings, tcp_redis: RedisProcess
+) -> None:
+    """Abandoning a writer whose append waits for a retry cancels the retry: once Redis is
+    back, nothing it had queued is written."""
+    async with proxied_writer(tcp_redis, keys, settings) as (proxy, writer, j):
+        await writer.token("t0 ")
+        await writer.drain()
+        proxy.cut()
+        await writer.token("t1 ")
+        await wait_until(lambda: retried(writer), 30, "append retries")
+        await writer.abort()
+        retries = writer.retries
+        proxy.restore()
+        await asyncio.sleep(1.0)  # past the next retry's backoff (0.2 s by now)
+        await writer.drain()  # nothing in flight: returns at once, raising nothing
+    assert writer.retries == retries
+    assert await stored_texts(tcp_redis, keys, j) == ["t0 "]
 
 
 @pytest.fixture
