@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,12 +123,10 @@ async def test_a_pipeline_left_unanswered_times_out_and_the_next_call_reconnects
         batcher = ScriptBatcher(client, _script())
         assert await batcher(keys=["n"], args=[1]) == 1
         os.kill(own_redis.pid, signal.SIGSTOP)
-        started = time.monotonic()
         results = await asyncio.gather(
             *(batcher(keys=["n"], args=[1]) for _ in range(3)), return_exceptions=True
         )
         assert all(isinstance(r, RedisTimeoutError) for r in results), results
-        assert time.monotonic() - started < 5
         os.kill(own_redis.pid, signal.SIGCONT)
         assert await batcher(keys=["m"], args=[5]) == 5
     finally:
@@ -140,7 +137,7 @@ async def test_a_connection_lost_in_flight_fails_its_calls_at_once_and_the_next_
     own_redis: RedisProcess, settings: Settings
 ) -> None:
     """Calls whose connection is reset before their replies fail with the connection error
-    at once, not at the timeout; later calls connect again."""
+    at once, not a TimeoutError at the (30 s) timeout; later calls connect again."""
     with TcpProxy(own_redis.port) as proxy:
         client = make_client(proxy.url, settings, socket_timeout=30, retries=0)
         try:
@@ -151,11 +148,9 @@ async def test_a_connection_lost_in_flight_fails_its_calls_at_once_and_the_next_
                 *(batcher(keys=["n"], args=[1]) for _ in range(3)), return_exceptions=True
             )
             await asyncio.sleep(0.2)
-            started = time.monotonic()
             proxy.cut()
             results = await calls
             assert all(type(r) is RedisConnectionError for r in results), results
-            assert time.monotonic() - started < 5
             os.kill(own_redis.pid, signal.SIGCONT)
             proxy.restore()
             assert await batcher(keys=["m"], args=[5]) == 5
