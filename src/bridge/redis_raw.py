@@ -181,11 +181,6 @@ class RawConnection:
         self._listener: Listener | None = None
         self._on_lost: LossListener | None = None
 
-    @property
-    def timeout_s(self) -> float:
-        """How long a call may wait for its replies, unless it is given its own timeout."""
-        return self._timeout_s
-
     def listen(self, listener: Listener | None, on_lost: LossListener | None = None) -> None:
         """Hand replies to `listener` as they arrive, whenever no reply is waiting to be read
         (on this connection and the ones after a reconnect): a reply it handles wakes no task.
@@ -253,17 +248,19 @@ class RawConnection:
 
     def write(self, packed: list[bytes]) -> bool:
         """Write `packed` now if connected, without waiting for the buffer to drain (the caller
-        bounds what it leaves unanswered); False, writing nothing, if not connected."""
+        bounds what it leaves unanswered); False, writing nothing, if not connected. Its
+        replies are due within the connection's timeout (until `answered`): past it, the
+        connection is closed and `on_lost` hears redis-py's TimeoutError."""
         replies = self._replies
         if replies is None or replies.closed:
             return False
         replies.transport.writelines(packed)
+        self._arm(None)
         return True
 
-    def cut(self) -> None:
-        """Close the connection now: what is under way fails with it (`on_lost` hears it)."""
-        if self._replies is not None:
-            self._replies.transport.close()
+    def answered(self) -> None:
+        """Every reply of what was written has arrived: no deadline is running."""
+        self._deadline = None
 
     async def send(self, packed: bytes | list[bytes], *, timeout_s: float | None = None) -> None:
         """Send commands whose replies `read` takes later (pipelining across awaits)."""
@@ -299,6 +296,19 @@ class RawConnection:
         deadline, armed again only when it fires, as `asyncio.timeout` costs 6.5 us per use
         (uvloop, this VM) and a call or read happens about once per token. A call past its
         deadline has its connection closed under it, and raises redis-py's TimeoutError."""
+        self._arm(timeout_s)
+        try:
+            return await work
+        except BaseException as exc:
+            error = await self._failed(exc, timed_out=self._expired)
+            if error is exc:
+                raise
+            raise error from None
+        finally:
+            self._deadline = None
+
+    def _arm(self, timeout_s: float | None) -> None:
+        """Set the deadline of what is under way, arming the watchdog if it would fire late."""
         loop = asyncio.get_running_loop()
         self._deadline = deadline = loop.time() + (
             self._timeout_s if timeout_s is None else timeout_s
@@ -309,15 +319,6 @@ class RawConnection:
                 self._watchdog.cancel()
             self._watchdog = loop.call_at(deadline, self._on_watchdog)
             self._watchdog_at = deadline
-        try:
-            return await work
-        except BaseException as exc:
-            error = await self._failed(exc, timed_out=self._expired)
-            if error is exc:
-                raise
-            raise error from None
-        finally:
-            self._deadline = None
 
     def _on_watchdog(self) -> None:
         self._watchdog = None
@@ -330,7 +331,9 @@ class RawConnection:
             self._watchdog_at = deadline
         elif self._replies is not None:
             self._expired = True
-            self._replies.transport.close()  # the call under way fails with the connection
+            # what is under way fails with the connection, and `on_lost` hears why
+            self._replies.lost = RedisTimeoutError(f"Redis did not answer {self.name} in time")
+            self._replies.transport.close()
 
     async def _failed(self, exc: BaseException, *, timed_out: bool) -> BaseException:
         """Drop the connection after a failure (no stale replies); the exception to raise."""

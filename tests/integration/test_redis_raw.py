@@ -292,3 +292,31 @@ async def test_a_server_that_accepts_but_never_answers_fails_the_call_in_time(
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_written_commands_are_due_until_answered_then_the_connection_stays(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """`write` gives its replies the connection's timeout: a reply that does not come in time
+    closes the connection and `on_lost` hears a TimeoutError; once `answered` says every
+    reply arrived, an idle connection outlives the timeout."""
+    raw = RawConnection(redis, name="TEST", timeout_s=0.2)
+    heard: list[Any] = []
+    lost: list[Exception] = []
+    replied, ended = asyncio.Event(), asyncio.Event()
+    raw.listen(
+        lambda reply: heard.append(reply) or replied.set(),
+        lambda error: lost.append(error) or ended.set(),
+    )
+    await raw.connect()
+    assert raw.write([pack("PING")])
+    await asyncio.wait_for(replied.wait(), 5)
+    raw.answered()
+    await asyncio.sleep(0.5)
+    assert raw.connected
+    assert not lost
+    assert raw.write([pack("BLPOP", f"{key_prefix}empty", 2)])
+    await asyncio.wait_for(ended.wait(), 5)
+    assert isinstance(lost[0], RedisTimeoutError)
+    assert not raw.connected
+    assert heard == [b"PONG"]

@@ -25,7 +25,6 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.redis_metrics import observe_command, record_failure
 from bridge.redis_raw import RawConnection, bulk
@@ -69,9 +68,6 @@ class ScriptBatcher:
         self._send_soon: asyncio.Handle | None = None
         self._detour: asyncio.Task[None] | None = None  # connecting or loading the script
         self._sent_at = 0.0  # perf_counter, for the round trip's metric
-        self._deadline = 0.0  # loop time
-        self._timed_out = False
-        self._watchdog: asyncio.TimerHandle | None = None
         self.round_trips = 0
 
     def head(self, keys: Sequence[Any], args: Sequence[Any], *, more: int = 0) -> bytes:
@@ -107,10 +103,6 @@ class ScriptBatcher:
             return
         self._in_flight.extend(batch)
         self._sent_at = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._connection.timeout_s
-        if self._watchdog is None:
-            self._watchdog = loop.call_at(self._deadline, self._on_watchdog)
 
     def _on_reply(self, reply: Any) -> None:
         call = self._in_flight.popleft()
@@ -121,6 +113,7 @@ class ScriptBatcher:
             _answer(call, reply)
         if self._in_flight:
             return
+        self._connection.answered()
         self.round_trips += 1
         observe_command(self._connection.name, time.perf_counter() - self._sent_at)
         if self._missing:
@@ -130,9 +123,6 @@ class ScriptBatcher:
             self._send()
 
     def _on_lost(self, error: Exception) -> None:
-        if self._timed_out:
-            self._timed_out = False
-            error = RedisTimeoutError(f"Redis did not answer {self._connection.name} in time")
         failed = [*self._in_flight, *self._missing]
         self._in_flight.clear()
         self._missing.clear()
@@ -142,19 +132,6 @@ class ScriptBatcher:
             _answer(call, error)
         if self._queue and self._send_soon is None and self._detour is None:
             self._send_soon = asyncio.get_running_loop().call_soon(self._send)
-
-    def _on_watchdog(self) -> None:
-        """Close the connection under a pipeline unanswered past its deadline; armed again
-        only when it fires (a timer per pipeline would cost more than the pipeline's packing)."""
-        self._watchdog = None
-        if not self._in_flight:
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:
-            self._watchdog = loop.call_at(self._deadline, self._on_watchdog)
-            return
-        self._timed_out = True
-        self._connection.cut()
 
     async def _connect(self) -> None:
         try:
